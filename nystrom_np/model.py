@@ -1,0 +1,570 @@
+"""The Nystromformer masked language model: embeddings, post-LN encoder layers, MLM head.
+
+Shapes: B batch, N tokens, H heads, D head size, C = H*D hidden size, I intermediate size,
+V vocabulary, K conv taps, M landmarks, L layers.
+
+The forward pass follows transformers' ``NystromformerForMaskedLM`` in eval mode
+(REFERENCE.md section 2): positions start at 2, q and k each carry D^(-1/4), a depthwise
+conv of the (unmasked) values is added to the attention output in every mode, post-LN
+layers, a tied MLM decoder. A BERT config runs the same code without the conv skip, with
+positions from 0 and the exact erf GELU.
+
+Weights are a nested dict whose names follow the checkpoint's (see ``from_state_dict``);
+they are transposed to (in, out), cast and shape-checked once, when the model is built.
+"""
+
+import dataclasses
+
+import numpy as np
+
+from .attention import nystrom_attention, softmax_attention
+from .backend import get_xp, map_arrays, to_device, to_numpy
+from .config import Config
+from .layers import ACTIVATIONS, depthwise_conv, embed, layer_norm, linear
+
+ATTENTION_MODES = ("hf", "exact", "nystrom")
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A config and its weights (a nested dict of arrays on one device, in one dtype)."""
+
+    config: Config
+    params: dict
+
+    @property
+    def xp(self):
+        """The array module of the weights: numpy, or cupy on a GPU."""
+        return get_xp(self.params["embeddings"]["word"])
+
+    @property
+    def dtype(self):
+        return self.params["embeddings"]["word"].dtype
+
+    @property
+    def has_head(self) -> bool:
+        """Whether the model carries an MLM head (a sentence-embedding BERT has none)."""
+        return self.params["head"] is not None
+
+    def astype(self, dtype) -> "Model":
+        """The same model with every weight cast to ``dtype`` (e.g. np.float64)."""
+        dtype = np.dtype(dtype)
+        if dtype.kind != "f":
+            raise TypeError(f"weights must be floating point, got {dtype}.")
+        return Model(self.config, map_arrays(lambda a: a.astype(dtype), self.params))
+
+    def to(self, device: str) -> "Model":
+        """The same model with its weights on ``device``: "cpu" (NumPy) or "gpu" (CuPy)."""
+        return Model(self.config, to_device(self.params, device))
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def encoder_layer(
+    x,
+    mask,
+    qkv,
+    conv,
+    attention_output,
+    attention_ln,
+    intermediate,
+    output,
+    output_ln,
+    *,
+    config,
+    mask_conv_input=False,
+    **attention,
+):
+    """One post-LN encoder layer: x -> LN(a + FFN(a)), a = LN(x + Attention(x)).
+
+    Parameters
+    ----------
+    x : (B, N, C)
+    mask : (B, N) bool or None
+    qkv, conv, ... : the layer's weights (see ``from_state_dict``)
+    mask_conv_input : zero the padded values before the conv skip (the authors' original
+        code does; transformers does not, so padding leaks up to K // 2 tokens inward)
+    attention : options for ``attend``
+
+    Returns
+    -------
+    (B, N, C)
+    """
+    b, n, c = x.shape
+    heads = config.num_attention_heads
+    qkv_heads = linear(x, **qkv).reshape(b, n, 3, heads, c // heads)  # (B, N, 3C) -> (B,N,3,H,D)
+    q, k, v = qkv_heads.transpose(2, 0, 3, 1, 4)  # (B, N, 3, H, D) -> 3 x (B, H, N, D)
+
+    context = attend(q, k, v, mask, **attention)  # (B, H, N, D)
+    if conv is not None:
+        conv_input = v * mask[:, None, :, None] if mask_conv_input and mask is not None else v
+        context = context + depthwise_conv(conv_input, conv)
+    context = context.transpose(0, 2, 1, 3).reshape(b, n, c)  # (B, H, N, D) -> (B, N, C)
+
+    eps, act = config.layer_norm_eps, ACTIVATIONS[config.hidden_act]
+    a = layer_norm(x + linear(context, **attention_output), **attention_ln, eps=eps)
+    return layer_norm(a + linear(act(linear(a, **intermediate)), **output), **output_ln, eps=eps)
+
+
+def attend(q, k, v, mask, mode, num_landmarks, pinv, iterations, init, mask_landmarks):
+    """Exact or Nystrom attention, as ``resolve_attention`` decided for this input."""
+    if mode == "exact":
+        return softmax_attention(q, k, v, mask)
+    return nystrom_attention(q, k, v, mask, num_landmarks, pinv, iterations, init, mask_landmarks)
+
+
+def encode(
+    model,
+    input_ids,
+    attention_mask=None,
+    token_type_ids=None,
+    *,
+    attention="hf",
+    num_landmarks=None,
+    pinv="iterative",
+    pinv_iterations=6,
+    pinv_init=None,
+    mask_conv_input=False,
+):
+    """The base model: hidden states after the embeddings and after every layer.
+
+    Parameters
+    ----------
+    model : Model
+    input_ids : (B, N) integer array (NumPy, or CuPy for a model on the GPU)
+    attention_mask : (B, N) of 0/1 or bool, 1 for real tokens; None: all real
+    token_type_ids : (B, N) integers below ``type_vocab_size``; None: all 0
+    attention : ``"hf"`` transformers' rule: exact softmax when the config's
+        ``num_landmarks == segment_means_seq_len`` (so for the released checkpoint, at
+        every length), else its landmark path (N must equal ``segment_means_seq_len``,
+        landmarks average padding too, one pseudo-inverse scale for the whole batch);
+        ``"exact"`` softmax attention; ``"nystrom"`` the paper's method for any N
+    num_landmarks : M for ``"nystrom"`` (default: the config's)
+    pinv : ``"iterative"`` or ``"exact"`` (SVD), for ``"nystrom"``
+    pinv_iterations : iterations of the iterative pseudo-inverse, for ``"nystrom"``
+    pinv_init : ``"per_matrix"`` (default, the paper's) or ``"global"`` (transformers')
+    mask_conv_input : zero padded values before the conv skip (see ``encoder_layer``)
+
+    Returns
+    -------
+    list of L + 1 arrays (B, N, C); the last is transformers' ``last_hidden_state``
+    """
+    config, params = model.config, model.params
+    ids, mask, types = check_inputs(model, input_ids, attention_mask, token_type_ids)
+    options = resolve_attention(
+        config, ids.shape[1], attention, num_landmarks, pinv, pinv_iterations, pinv_init
+    )
+
+    emb = params["embeddings"]
+    x = embed(ids, types, emb["word"], emb["position"], emb["token_type"], config.position_offset)
+    x = layer_norm(x, **emb["ln"], eps=config.layer_norm_eps)  # (B, N, C)
+    hidden = [x]
+    for layer in params["layers"]:
+        x = encoder_layer(
+            x, mask, **layer, config=config, mask_conv_input=mask_conv_input, **options
+        )
+        hidden.append(x)
+    return hidden
+
+
+def mlm_head(model, x):
+    """Masked-LM logits: LN(act(x Wt + bt)) E_word^T + bias, (..., C) -> (..., V).
+
+    Apply it to the rows you need only (e.g. the [MASK] positions): the V-wide projection is
+    a large share of a forward pass.
+    """
+    head = model.params["head"]
+    if head is None:
+        raise ValueError("this model has no MLM head (it was loaded without cls.* weights).")
+    act = ACTIVATIONS[model.config.hidden_act]
+    t = act(linear(x, **head["transform"]))
+    t = layer_norm(t, **head["transform_ln"], eps=model.config.layer_norm_eps)
+    return t @ model.params["embeddings"]["word"].T + head["bias"]  # (..., C) @ (C, V)
+
+
+def forward(
+    model,
+    input_ids,
+    attention_mask=None,
+    token_type_ids=None,
+    *,
+    output_hidden_states=False,
+    **options,
+):
+    """Masked-LM logits of a batch, as transformers' ``NystromformerForMaskedLM``.
+
+    Parameters
+    ----------
+    model, input_ids, attention_mask, token_type_ids, options : as for ``encode``
+    output_hidden_states : also return the L + 1 hidden states
+
+    Returns
+    -------
+    logits (B, N, V), or (logits, hidden_states) with ``output_hidden_states``
+    """
+    if not model.has_head:
+        raise ValueError("this model has no MLM head; use encode() for its hidden states.")
+    hidden = encode(model, input_ids, attention_mask, token_type_ids, **options)
+    logits = mlm_head(model, hidden[-1])
+    return (logits, hidden) if output_hidden_states else logits
+
+
+# ------------------------------------------------------------------- input validation
+
+
+def check_inputs(model, input_ids, attention_mask, token_type_ids):
+    """Validate a batch at the public boundary and put it on the model's device.
+
+    Returns (ids, mask, types): (B, N) integer ids, (B, N) bool mask or None, (B, N) types.
+    """
+    xp, config = model.xp, model.config
+    ids = _as_integer_array(xp, input_ids, "input_ids")
+    if ids.ndim != 2:
+        raise ValueError(
+            f"input_ids must be 2-D (batch, tokens), got shape {ids.shape}; "
+            "for one sequence pass ids[None]."
+        )
+    b, n = ids.shape
+    if b == 0 or n == 0:
+        raise ValueError(f"input_ids is empty (shape {ids.shape}); give at least one token.")
+    n_max = model.params["embeddings"]["position"].shape[0] - config.position_offset
+    if n > n_max:
+        raise ValueError(
+            f"input has {n} tokens but the position table allows at most {n_max} "
+            f"(max_position_embeddings = {config.max_position_embeddings}); truncate it."
+        )
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= config.vocab_size:
+        raise ValueError(
+            f"input_ids must lie in [0, {config.vocab_size}) (the vocabulary), "
+            f"got values from {lo} to {hi}."
+        )
+
+    mask = None
+    if attention_mask is not None:
+        mask = xp.asarray(attention_mask)
+        if mask.shape != ids.shape:
+            raise ValueError(
+                f"attention_mask has shape {mask.shape}, input_ids {ids.shape}; they must match."
+            )
+        if mask.dtype != bool:
+            if mask.dtype.kind not in "iuf" or not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError("attention_mask must hold only 0/1 (or True/False).")
+            mask = mask == 1
+
+    if token_type_ids is None:
+        types = xp.zeros_like(ids)
+    else:
+        types = _as_integer_array(xp, token_type_ids, "token_type_ids")
+        if types.shape != ids.shape:
+            raise ValueError(
+                f"token_type_ids has shape {types.shape}, input_ids {ids.shape}; they must match."
+            )
+        if int(types.min()) < 0 or int(types.max()) >= config.type_vocab_size:
+            raise ValueError(
+                f"token_type_ids must lie in [0, {config.type_vocab_size}) "
+                f"(type_vocab_size), got values from {int(types.min())} to {int(types.max())}."
+            )
+    return ids, mask, types
+
+
+def _as_integer_array(xp, values, name):
+    array = xp.asarray(values)
+    if array.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be an integer array, got dtype {array.dtype}.")
+    return array
+
+
+def resolve_attention(config, n, mode, num_landmarks, pinv, iterations, init):
+    """Turn the user's attention options into what ``attend`` runs, or raise why not."""
+    if mode not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {mode!r}.")
+    if mode == "hf":
+        if num_landmarks is not None or pinv != "iterative" or init is not None:
+            raise ValueError(
+                "attention='hf' follows the config exactly; num_landmarks, pinv and pinv_init "
+                "are for attention='nystrom'."
+            )
+        if config.model_type == "bert" or config.num_landmarks == config.segment_means_seq_len:
+            mode = "exact"
+        else:
+            _check_hf_landmark_path(config, n)
+            return dict(
+                mode="nystrom",
+                num_landmarks=config.num_landmarks,
+                pinv="iterative",
+                iterations=6,
+                init="global",
+                mask_landmarks=False,
+            )
+    if mode == "exact":
+        return dict(mode="exact", num_landmarks=None, pinv=None, iterations=None, init=None,
+                    mask_landmarks=None)
+    m = config.num_landmarks if num_landmarks is None else num_landmarks
+    if not isinstance(m, (int, np.integer)) or isinstance(m, bool) or not 1 <= m <= n:
+        raise ValueError(f"num_landmarks must be an integer from 1 to N = {n}, got {m!r}.")
+    if pinv not in ("iterative", "exact"):
+        raise ValueError(f"pinv must be 'iterative' or 'exact', got {pinv!r}.")
+    if not isinstance(iterations, (int, np.integer)) or iterations < 0:
+        raise ValueError(f"pinv_iterations must be a non-negative integer, got {iterations!r}.")
+    init = "per_matrix" if init is None else init
+    if init not in ("per_matrix", "global"):
+        raise ValueError(f"pinv_init must be 'per_matrix' or 'global', got {init!r}.")
+    return dict(
+        mode="nystrom", num_landmarks=int(m), pinv=pinv, iterations=int(iterations), init=init,
+        mask_landmarks=True,
+    )
+
+
+def _check_hf_landmark_path(config, n):
+    """Raise where transformers' landmark path would crash or silently scramble rows."""
+    if config.inv_coeff_init_option:
+        raise ValueError(
+            "inv_coeff_init_option = true crashes transformers' landmark path; "
+            "use attention='nystrom' with pinv_init='per_matrix' for the paper's init."
+        )
+    if config.segment_means_seq_len % config.num_landmarks:
+        raise ValueError(
+            f"transformers' landmark path needs num_landmarks ({config.num_landmarks}) to "
+            f"divide segment_means_seq_len ({config.segment_means_seq_len}); "
+            "use attention='nystrom'."
+        )
+    if n != config.segment_means_seq_len:
+        raise ValueError(
+            f"transformers' landmark path only works for N = segment_means_seq_len = "
+            f"{config.segment_means_seq_len} tokens (other lengths crash or mix rows of "
+            f"different samples); got N = {n}. Pad to that length, or use "
+            "attention='nystrom', which handles any N."
+        )
+
+
+# ------------------------------------------------------------ building a model from weights
+
+
+def expected_shapes(config: Config, prefix: str, head: bool) -> dict:
+    """Checkpoint name -> shape of every weight the model needs (transformers' layout)."""
+    c, i, h = config.hidden_size, config.intermediate_size, config.num_attention_heads
+    v, t = config.vocab_size, config.type_vocab_size
+    p = config.max_position_embeddings + config.position_offset
+    e = f"{prefix}embeddings."
+    shapes = {
+        e + "word_embeddings.weight": (v, c),
+        e + "position_embeddings.weight": (p, c),
+        e + "token_type_embeddings.weight": (t, c),
+        e + "LayerNorm.weight": (c,),
+        e + "LayerNorm.bias": (c,),
+    }
+    dense = {
+        "attention.self.query": (c, c),
+        "attention.self.key": (c, c),
+        "attention.self.value": (c, c),
+        "attention.output.dense": (c, c),
+        "intermediate.dense": (i, c),
+        "output.dense": (c, i),
+    }
+    for n in range(config.num_hidden_layers):
+        layer = f"{prefix}encoder.layer.{n}."
+        for name, shape in dense.items():
+            shapes[layer + name + ".weight"] = shape
+            shapes[layer + name + ".bias"] = shape[:1]
+        for name in ("attention.output.LayerNorm", "output.LayerNorm"):
+            shapes[layer + name + ".weight"] = (c,)
+            shapes[layer + name + ".bias"] = (c,)
+        if config.conv_kernel_size is not None:
+            shapes[layer + "attention.self.conv.weight"] = (h, 1, config.conv_kernel_size, 1)
+    if head:
+        shapes.update({
+            "cls.predictions.transform.dense.weight": (c, c),
+            "cls.predictions.transform.dense.bias": (c,),
+            "cls.predictions.transform.LayerNorm.weight": (c,),
+            "cls.predictions.transform.LayerNorm.bias": (c,),
+            "cls.predictions.bias": (v,),
+        })
+    return shapes
+
+
+def _prefix(config: Config, state) -> str:
+    """``"nystromformer."`` / ``"bert."``, or ``""`` for a bare encoder (sentence-transformers)."""
+    for prefix in (f"{config.model_type}.", ""):
+        if f"{prefix}embeddings.word_embeddings.weight" in state:
+            return prefix
+    return f"{config.model_type}."
+
+
+def _is_ignored(name: str, prefix: str) -> bool:
+    """Keys a checkpoint may hold that the forward pass does not read."""
+    return name in (
+        f"{prefix}embeddings.position_ids",  # the 2..N+1 (or 0..N-1) buffer of old saves
+        f"{prefix}embeddings.token_type_ids",  # an all-zero buffer
+        "cls.predictions.decoder.weight",  # tied to the word embeddings (checked equal)
+        "cls.predictions.decoder.bias",  # tied to cls.predictions.bias (checked equal)
+    ) or name.startswith((f"{prefix}pooler.", "cls.seq_relationship."))
+
+
+def from_state_dict(state: dict, config: Config, dtype=np.float32) -> Model:
+    """Build a model from a state dict of arrays keyed by the checkpoint's names.
+
+    Accepts both layouts of a Nystromformer checkpoint (the old ``pytorch_model.bin`` with
+    the tied ``cls.predictions.decoder.*`` and ``position_ids``, and ``save_pretrained``'s
+    safetensors without them), BERT masked-LM checkpoints (``bert.`` prefix) and bare BERT
+    encoders without a head (no prefix, as sentence-transformers saves them). All missing,
+    unexpected and mis-shaped keys are reported together in one ValueError.
+
+    The weights are copied: linear weights transposed to (in, out), q/k/v fused into one
+    (C, 3C) product, the conv taps reshaped to (H, K), everything cast to ``dtype``.
+    """
+    dtype = np.dtype(dtype)
+    if dtype.kind != "f":
+        raise TypeError(f"dtype must be floating point, got {dtype}.")
+    prefix = _prefix(config, state)
+    head = any(name.startswith("cls.predictions.") for name in state)
+    shapes = expected_shapes(config, prefix, head)
+    problems = []
+    for name, shape in shapes.items():
+        if name not in state:
+            problems.append(f"missing {name} {shape}")
+        elif tuple(state[name].shape) != shape:
+            problems.append(f"{name} has shape {tuple(state[name].shape)}, expected {shape}")
+    for name in state:
+        if name not in shapes and not _is_ignored(name, prefix):
+            problems.append(f"unexpected {name} {tuple(state[name].shape)}")
+    problems += _check_tied(state, prefix)
+    if problems:
+        raise ValueError(
+            f"the weights do not fit this {config.model_type} config "
+            f"({len(problems)} problem(s)):\n  " + "\n  ".join(problems)
+        )
+
+    def get(name):
+        return np.array(state[name], dtype=dtype)  # a copy: the source can be freed
+
+    def dense(name):
+        w = get(name + ".weight").T.copy()  # (out, in) -> (in, out), contiguous
+        return {"w": w, "b": get(name + ".bias")}
+
+    def norm(name):
+        return {"g": get(name + ".weight"), "b": get(name + ".bias")}
+
+    e = f"{prefix}embeddings."
+    params = {
+        "embeddings": {
+            "word": get(e + "word_embeddings.weight"),  # (V, C)
+            "position": get(e + "position_embeddings.weight"),  # (P, C)
+            "token_type": get(e + "token_type_embeddings.weight"),  # (T, C)
+            "ln": norm(e + "LayerNorm"),
+        },
+        "layers": [],
+        "head": None,
+    }
+    for n in range(config.num_hidden_layers):
+        layer = f"{prefix}encoder.layer.{n}."
+        q, k, v = (dense(layer + f"attention.self.{x}") for x in ("query", "key", "value"))
+        params["layers"].append({
+            "qkv": {  # fused: one (C, 3C) product gives q, k and v
+                "w": np.concatenate([q["w"], k["w"], v["w"]], axis=1),  # (C, 3C)
+                "b": np.concatenate([q["b"], k["b"], v["b"]]),  # (3C,)
+            },
+            "conv": (
+                get(layer + "attention.self.conv.weight")[:, 0, :, 0]  # (H, 1, K, 1) -> (H, K)
+                if config.conv_kernel_size is not None
+                else None
+            ),
+            "attention_output": dense(layer + "attention.output.dense"),
+            "attention_ln": norm(layer + "attention.output.LayerNorm"),
+            "intermediate": dense(layer + "intermediate.dense"),
+            "output": dense(layer + "output.dense"),
+            "output_ln": norm(layer + "output.LayerNorm"),
+        })
+    if head:
+        params["head"] = {
+            "transform": dense("cls.predictions.transform.dense"),
+            "transform_ln": norm("cls.predictions.transform.LayerNorm"),
+            "bias": get("cls.predictions.bias"),  # (V,)
+        }
+    return Model(config, params)
+
+
+def _check_tied(state, prefix) -> list:
+    """The MLM decoder is tied to the word embeddings: a checkpoint that has both must agree."""
+    problems = []
+    pairs = (
+        ("cls.predictions.decoder.weight", f"{prefix}embeddings.word_embeddings.weight"),
+        ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+    )
+    for tied, source in pairs:
+        if tied in state and source in state:
+            if tuple(state[tied].shape) != tuple(state[source].shape):
+                problems.append(
+                    f"{tied} has shape {tuple(state[tied].shape)}, "
+                    f"expected that of {source} {tuple(state[source].shape)}"
+                )
+            elif not np.array_equal(state[tied], state[source]):
+                problems.append(f"{tied} differs from {source}: untied decoders are not supported")
+    return problems
+
+
+def to_state_dict(model: Model) -> dict:
+    """NumPy arrays keyed by transformers' names (the ``save_pretrained`` layout).
+
+    The inverse of ``from_state_dict``: no tied decoder keys, no ``position_ids`` buffer.
+    """
+    config, params = model.config, model.params
+    prefix = f"{config.model_type}."
+    c = config.hidden_size
+    state = {}
+
+    def put(name, value):
+        state[name] = to_numpy(value)
+
+    def dense(name, p):
+        put(name + ".weight", p["w"].T.copy())
+        put(name + ".bias", p["b"])
+
+    def norm(name, p):
+        put(name + ".weight", p["g"])
+        put(name + ".bias", p["b"])
+
+    emb = params["embeddings"]
+    put(prefix + "embeddings.word_embeddings.weight", emb["word"])
+    put(prefix + "embeddings.position_embeddings.weight", emb["position"])
+    put(prefix + "embeddings.token_type_embeddings.weight", emb["token_type"])
+    norm(prefix + "embeddings.LayerNorm", emb["ln"])
+    for n, layer in enumerate(params["layers"]):
+        name = f"{prefix}encoder.layer.{n}."
+        w, b = layer["qkv"]["w"], layer["qkv"]["b"]
+        for j, x in enumerate(("query", "key", "value")):
+            part = slice(j * c, (j + 1) * c)
+            dense(name + f"attention.self.{x}", {"w": w[:, part], "b": b[part]})
+        if layer["conv"] is not None:
+            put(name + "attention.self.conv.weight", layer["conv"][:, None, :, None])
+        dense(name + "attention.output.dense", layer["attention_output"])
+        norm(name + "attention.output.LayerNorm", layer["attention_ln"])
+        dense(name + "intermediate.dense", layer["intermediate"])
+        dense(name + "output.dense", layer["output"])
+        norm(name + "output.LayerNorm", layer["output_ln"])
+    if params["head"] is not None:
+        dense("cls.predictions.transform.dense", params["head"]["transform"])
+        norm("cls.predictions.transform.LayerNorm", params["head"]["transform_ln"])
+        put("cls.predictions.bias", params["head"]["bias"])
+    return state
+
+
+def random_model(config: Config | None = None, seed=0, dtype=np.float32, head=True) -> Model:
+    """A seeded random model of ``config`` (default: the real checkpoint's config).
+
+    Weights and embeddings ~ N(0, initializer_range^2); biases too, and LayerNorm gains
+    1 + N(0, initializer_range^2), so that no parameter is trivially 0 or 1 and parity tests
+    exercise every one. The offline stand-in for the real checkpoint: its predictions
+    are meaningless.
+    """
+    config = Config() if config is None else config
+    rng = np.random.default_rng(seed)
+    std = config.initializer_range
+    state = {}
+    for name, shape in expected_shapes(config, f"{config.model_type}.", head).items():
+        values = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+        if name.endswith("LayerNorm.weight"):
+            values += 1
+        state[name] = values
+    return from_state_dict(state, config, dtype)
