@@ -96,6 +96,8 @@ class Config:
             raise ValueError(
                 f"hidden_act {self.hidden_act!r} is not supported; use one of {ACTIVATIONS}."
             )
+        if self.model_type == "bert" and self.conv_kernel_size is not None:
+            raise ValueError("a bert config has no conv skip: conv_kernel_size must be None.")
         if self.conv_kernel_size is not None and self.conv_kernel_size % 2 == 0:
             raise ValueError(
                 f"conv_kernel_size must be odd (the skip pads K // 2 on each side), "
