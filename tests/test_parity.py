@@ -67,7 +67,8 @@ def test_recorded_parity(name):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_live_parity(name):
     """The same cases against transformers run now, on this machine's versions."""
-    ref = pytest.importorskip("hf_reference", reason="needs torch and transformers")
+    ref = pytest.importorskip("hf_reference", reason="needs torch and transformers",
+                             exc_type=ImportError)
     model, ids, mask, types = build(name)
     want = ref.hf_outputs(ref.hf_model(model), ids, mask, types)
     assert_close(ours(model, ids, mask, types), want, tolerance(model.dtype))
@@ -76,7 +77,8 @@ def test_live_parity(name):
 @pytest.fixture(scope="module")
 def real_size_pair():
     """A seeded random model of the real config (12 x 768, V = 30000) and its torch twin."""
-    ref = pytest.importorskip("hf_reference", reason="needs torch and transformers")
+    ref = pytest.importorskip("hf_reference", reason="needs torch and transformers",
+                             exc_type=ImportError)
     model = random_model(Config(), seed=0)
     return model, ref.hf_model(model), ref
 
