@@ -9,18 +9,23 @@ from .attention import (
     softmax_attention,
 )
 from .backend import get_xp, to_device, to_numpy
+from .checkpoint import CheckpointError, convert, find_checkpoint, load
 from .config import Config
 from .model import Model, encode, forward, from_state_dict, mlm_head, random_model, to_state_dict
 
 __all__ = [
+    "CheckpointError",
     "Config",
     "Model",
+    "convert",
     "encode",
     "exact_pinv",
+    "find_checkpoint",
     "forward",
     "from_state_dict",
     "get_xp",
     "iterative_pinv",
+    "load",
     "mlm_head",
     "nystrom_attention",
     "random_model",

@@ -1,0 +1,162 @@
+"""Command line: ``python -m nystrom_np COMMAND ...``.
+
+Commands
+--------
+convert SRC DST
+    A checkpoint (folder, weights file or hub id) -> ``DST/model.safetensors`` +
+    ``config.json`` (+ tokenizer files), read back and verified bit for bit.
+fill-mask TEXT [TEXT ...]
+    The most probable tokens for each ``[MASK]``, as a table (or ``--json``).
+
+To add a command: one ``add_parser`` block in ``build_parser`` and one ``run_<command>``
+function that takes the parsed arguments and returns an exit status.
+"""
+
+import argparse
+import sys
+
+
+def run_convert(args) -> int:
+    from .checkpoint import convert
+
+    convert(args.src, args.dst, config=args.config, revision=args.revision, force=args.force)
+    return 0
+
+
+FILL_MASK_HINT = (
+    "fill-mask needs the checkpoint's weights, config.json and tokenizer (spiece.model), e.g.\n"
+    "    huggingface-cli download uw-madison/nystromformer-512 config.json pytorch_model.bin "
+    "spiece.model --local-dir nystromformer-512\n"
+    "    python -m nystrom_np fill-mask --checkpoint nystromformer-512 "
+    "\"Paris is the [MASK] of France.\"\n"
+    "Without it, --random-weights --tokenizer PATH/spiece.model runs the same code on random "
+    "weights (meaningless predictions)."
+)
+RANDOM_BANNER = (
+    "!! RANDOM WEIGHTS: random_model(Config(), seed={seed}), not the pretrained checkpoint.\n"
+    "!! The predictions below are MEANINGLESS: they exercise the code path, nothing more."
+)
+
+
+def run_fill_mask(args) -> int:
+    import json
+
+    from .checkpoint import load
+    from .config import Config
+    from .model import random_model
+    from .pipeline import encode_masked, fill_mask, format_table
+    from .tokenizer import Tokenizer, load_tokenizer
+
+    try:  # the tokenizer first: it is small, and bad text then fails before the model loads
+        if args.tokenizer:
+            tokenizer = Tokenizer(args.tokenizer)
+        else:
+            tokenizer = load_tokenizer(args.checkpoint, revision=args.revision)
+    except FileNotFoundError as e:
+        if args.random_weights:
+            print(
+                "error: --random-weights replaces the weights, not the tokenizer, and no "
+                f"spiece.model was found for {args.checkpoint!r} "
+                f"({str(e).splitlines()[0].rstrip(':')}).\n"
+                "Pass --tokenizer PATH/spiece.model; get the file where the hub is reachable:\n"
+                "    huggingface-cli download uw-madison/nystromformer-512 spiece.model "
+                "--local-dir .",
+                file=sys.stderr,
+            )
+        else:
+            print(f"error: {e}\n{FILL_MASK_HINT}", file=sys.stderr)
+        return 1
+    for text in args.texts:
+        encode_masked(tokenizer, text, tokenizer.max_length)
+    try:
+        if args.random_weights:
+            print(RANDOM_BANNER.format(seed=args.seed), file=sys.stderr)
+            model = random_model(Config(), seed=args.seed).to(args.device)
+        else:
+            model = load(args.checkpoint, revision=args.revision, device=args.device)
+    except FileNotFoundError as e:
+        print(f"error: {e}\n{FILL_MASK_HINT}", file=sys.stderr)
+        return 1
+    except (RuntimeError, ImportError) as e:  # e.g. --device gpu without CuPy or a GPU
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    texts = args.texts[0] if len(args.texts) == 1 else args.texts
+    results = fill_mask(
+        texts, args.top_k, model=model, tokenizer=tokenizer, attention=args.attention,
+        num_landmarks=args.landmarks,
+    )
+    if args.json:
+        print(json.dumps(results, indent=2, ensure_ascii=False))
+        return 0
+    results = [results] if len(args.texts) == 1 else results
+    print("\n\n".join(format_table(t, r) for t, r in zip(args.texts, results, strict=True)))
+    if args.random_weights:
+        print("(random weights: these predictions are meaningless)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m nystrom_np",
+        description="The Nystromformer masked language model in NumPy.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    convert = commands.add_parser(
+        "convert",
+        help="write a checkpoint as model.safetensors + config.json, verified",
+        description="Convert a checkpoint (a folder with pytorch_model.bin or "
+        "model.safetensors, a weights file, or a hub id in the local cache) to "
+        "DST/model.safetensors + config.json, then read it back and check it bit for bit.",
+    )
+    convert.add_argument("src", help="folder, weights file or hub id (org/name)")
+    convert.add_argument("dst", help="output folder (created if needed)")
+    convert.add_argument("--config", help="config.json to use if SRC has none")
+    convert.add_argument("--revision", help="hub ids: branch, tag, refs/pr/N or commit")
+    convert.add_argument("--force", action="store_true", help="overwrite DST/model.safetensors")
+    convert.set_defaults(run=run_convert)
+
+    fill = commands.add_parser(
+        "fill-mask",
+        help="predict the [MASK] tokens of a text",
+        description="The most probable tokens for each [MASK] of each TEXT, as transformers' "
+        "fill-mask pipeline gives them. The mask is written exactly [MASK].",
+    )
+    fill.add_argument("texts", nargs="+", metavar="TEXT", help="text with one or more [MASK]")
+    fill.add_argument(
+        "--checkpoint", default="uw-madison/nystromformer-512",
+        help="folder, weights file or hub id (default: %(default)s, from the local cache)",
+    )
+    fill.add_argument("--revision", help="hub ids: branch, tag, refs/pr/N or commit")
+    fill.add_argument("--tokenizer", help="spiece.model to use (default: the checkpoint's)")
+    fill.add_argument("--top-k", type=int, default=5, help="predictions per mask (%(default)s)")
+    fill.add_argument(
+        "--attention", choices=["hf", "exact", "nystrom"], default="hf",
+        help="hf: as transformers runs the checkpoint (exact for nystromformer-512); "
+        "nystrom: the paper's landmark method (default: %(default)s)",
+    )
+    fill.add_argument("--landmarks", type=int, help="landmarks M for --attention nystrom")
+    fill.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="gpu needs CuPy")
+    fill.add_argument("--json", action="store_true", help="print the pipeline's JSON structure")
+    fill.add_argument(
+        "--random-weights", action="store_true",
+        help="a seeded random model of the real config instead of the checkpoint: "
+        "meaningless predictions, for trying the code without the weights",
+    )
+    fill.add_argument("--seed", type=int, default=0, help="seed of --random-weights (%(default)s)")
+    fill.set_defaults(run=run_fill_mask)
+
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, TypeError, OSError) as e:  # bad input or files: a message, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
