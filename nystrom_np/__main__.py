@@ -77,9 +77,6 @@ def run_fill_mask(args) -> int:
     except FileNotFoundError as e:
         print(f"error: {e}\n{FILL_MASK_HINT}", file=sys.stderr)
         return 1
-    except (RuntimeError, ImportError) as e:  # e.g. --device gpu without CuPy or a GPU
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     texts = args.texts[0] if len(args.texts) == 1 else args.texts
     results = fill_mask(
         texts, args.top_k, model=model, tokenizer=tokenizer, attention=args.attention,
@@ -153,7 +150,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, TypeError, OSError) as e:  # bad input or files: a message, no traceback
+    # Bad input, bad files, or --device gpu without CuPy or a GPU: a message, no traceback.
+    except (ValueError, TypeError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

@@ -475,9 +475,10 @@ def _download(repo_id, revision, source_path):
         "and weights (HF_HUB_CACHE or HF_HOME choose another cache)\n"
         f"  - {why}\n"
         "Get the files where the hub is reachable:\n"
-        f"    huggingface-cli download {repo_id} config.json pytorch_model.bin{rev} "
+        f"    huggingface-cli download {repo_id} config.json pytorch_model.bin spiece.model{rev} "
         f"--local-dir {name}\n"
-        f"or  curl -L -O {url}/config.json -O {url}/pytorch_model.bin  (in a folder {name})\n"
+        f"or  curl -L -O {url}/config.json -O {url}/pytorch_model.bin -O {url}/spiece.model"
+        f"  (in a folder {name})\n"
         f"and load that folder: nystrom_np.load('{name}'). Copied into this machine's cache "
         "(huggingface-cli without --local-dir), the hub id works as it is."
     )

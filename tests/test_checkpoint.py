@@ -463,7 +463,7 @@ def test_offline_and_not_cached_says_where_it_looked_and_what_to_run(cache, monk
     assert str(cache) in message and "HF_HUB_OFFLINE" in message
     assert (
         "huggingface-cli download uw-madison/nystromformer-1024 config.json pytorch_model.bin "
-        "--revision refs/pr/1 --local-dir nystromformer-1024" in message
+        "spiece.model --revision refs/pr/1 --local-dir nystromformer-1024" in message
     )
 
 
