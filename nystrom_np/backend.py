@@ -5,6 +5,8 @@ Every function of the package asks its inputs which module they belong to
 time a GPU is asked for, never when the package is imported.
 """
 
+import functools
+
 import numpy as np
 
 DEVICES = ("cpu", "gpu")
@@ -22,14 +24,15 @@ def get_xp(*arrays):
 
 
 def cupy_or_raise():
-    """Import CuPy and check that it sees a GPU, or raise a RuntimeError that says why."""
+    """Import CuPy and check that it can compute on a GPU, or raise a RuntimeError that says
+    what is missing: CuPy itself, a GPU (or its driver), or the CUDA libraries CuPy loads."""
     try:
         import cupy
     except ImportError:
         raise RuntimeError(
             "device='gpu' needs CuPy, which is not installed. Install the wheel that "
-            "matches your CUDA: `pip install cupy-cuda12x` (CUDA 12) or "
-            "`pip install cupy-cuda13x` (CUDA 13)."
+            "matches the CUDA version `nvidia-smi` shows: `pip install 'cupy-cuda12x[ctk]'` "
+            "(CUDA 12) or `pip install 'cupy-cuda13x[ctk]'` (CUDA 13)."
         ) from None
     try:
         count = cupy.cuda.runtime.getDeviceCount()
@@ -40,7 +43,23 @@ def cupy_or_raise():
         ) from None
     if count == 0:
         raise RuntimeError("CuPy is installed but no GPU is visible (getDeviceCount() == 0).")
+    _check_cuda_libraries(cupy)
     return cupy
+
+
+@functools.cache  # once per process; a failure is not cached, so it is checked again
+def _check_cuda_libraries(cupy):
+    """Run one tiny kernel, matrix product and SVD: CuPy loads NVRTC, cuBLAS and cuSOLVER
+    lazily, so a wheel installed without them fails only at the first real computation."""
+    try:
+        a = cupy.arange(4, dtype=cupy.float32).reshape(2, 2) + 1  # an element-wise kernel
+        float((a @ a).sum() + cupy.linalg.svd(a)[1].sum())
+    except Exception as e:  # ImportError, CUDARuntimeError, CompileException, ...
+        raise RuntimeError(
+            f"CuPy sees a GPU but cannot compute on it ({type(e).__name__}: {e}). Its CUDA "
+            "libraries are probably missing: install them with the wheel, `pip install "
+            "'cupy-cuda12x[ctk]'` (or 'cupy-cuda13x[ctk]'), or install the CUDA Toolkit."
+        ) from None
 
 
 def device_of(x) -> str:
