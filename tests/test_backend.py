@@ -16,9 +16,10 @@ PACKAGE = Path(__file__).parents[1] / "nystrom_np"
 # numpy names that take a dtype or a Python scalar, never an array: fine on any backend.
 DTYPE_HELPERS = {"dtype", "float16", "float32", "float64", "int32", "int64", "integer",
                  "floating", "issubdtype", "finfo", "iinfo"}
-# Modules that are host-side by nature (files, tokenizer, command line, figures).
+# Modules that are host-side by nature (files, tokenizer, command line, figures), and the
+# measurement layer, which runs the methods on any backend but hands NumPy results back.
 HOST_MODULES = {"checkpoint.py", "tokenizer.py", "__main__.py", "sources.py", "pretrained.py",
-                "plotting.py"}
+                "plotting.py", "study.py", "timing.py"}
 # Functions whose array arguments are host arrays by definition: state dicts read from
 # files, token ids straight from the tokenizer, and the copy back to the host.
 HOST_FUNCTIONS = {"from_state_dict", "_check_tied", "to_numpy", "_top_k"}
