@@ -18,11 +18,17 @@ import math
 from .backend import get_xp
 
 
-def softmax(x, axis=-1):
-    """exp(x) / sum(exp(x)) along ``axis``, shifted by the maximum for stability."""
+def softmax(x, axis=-1, out=None):
+    """exp(x) / sum(exp(x)) along ``axis``, shifted by the maximum for stability.
+
+    ``out`` is where the result goes (a new array by default); ``out=x`` works in place,
+    which the attention functions do on their own score arrays, the largest of the model.
+    """
     xp = get_xp(x)
-    e = xp.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
+    e = xp.subtract(x, x.max(axis=axis, keepdims=True), out=out)
+    xp.exp(e, out=e)
+    e /= e.sum(axis=axis, keepdims=True)
+    return e
 
 
 def scale_qk(q, k):
@@ -56,8 +62,9 @@ def softmax_attention(q, k, v, mask=None):
     q, k = scale_qk(q, k)
     scores = q @ k.swapaxes(-1, -2)  # (B, H, N, D) @ (B, H, D, N) -> (B, H, N, N)
     if mask is not None:
-        scores = scores + mask_bias(mask, scores.dtype)
-    return softmax(scores) @ v  # (B, H, N, N) @ (B, H, N, D) -> (B, H, N, D)
+        scores += mask_bias(mask, scores.dtype)
+    weights = softmax(scores, out=scores)  # in place: one N x N array per head, not three
+    return weights @ v  # (B, H, N, N) @ (B, H, N, D) -> (B, H, N, D)
 
 
 def segment_means(x, num_segments, mask=None):
@@ -79,7 +86,11 @@ def segment_means(x, num_segments, mask=None):
     (B, H, M, D)
     """
     xp = get_xp(x)
-    b, _, n, _ = x.shape
+    b, h, n, d = x.shape
+    if mask is None and n % num_segments == 0:
+        # Equal segments of N / M tokens: a reshape and a mean (transformers' own way), far
+        # cheaper than the (M, N) weight matrix below, which handles every other case.
+        return x.reshape(b, h, num_segments, n // num_segments, d).mean(axis=-2)
     if mask is None:
         mask = xp.ones((b, n), dtype=bool)
     lengths = mask.sum(axis=-1, keepdims=True)  # (B, 1)
@@ -161,12 +172,13 @@ def nystrom_attention(
     iterations=6,
     init="per_matrix",
     mask_landmarks=True,
+    check_lengths=True,
 ):
     """Nystrom attention, eq. (15): softmax(Q K~^T) Z softmax(Q~ K^T) V, Z ~ pinv(A).
 
     Q~ and K~ are M landmarks (segment means of the scaled q and k). The three kernels are
     F = softmax(Q K~^T) (N x M), A = softmax(Q~ K~^T) (M x M) and Bk = softmax(Q~ K^T)
-    (M x N); the output is (F Z)(Bk V), multiplied in that order so that no N x N array is
+    (M x N); the output is F Z (Bk V), multiplied in that order so that no N x N array is
     ever formed: O(N M D + N M^2 + M^3) time and O(N M) memory. Only Bk is masked: a
     padded key gets no weight, and padded queries' rows are computed but meaningless.
 
@@ -179,23 +191,19 @@ def nystrom_attention(
     iterations, init : passed to ``iterative_pinv``
     mask_landmarks : True (the paper's method) leaves padded tokens out of the segment
         means; False averages over every token, padding included, as transformers does
+    check_lengths : check M against every row's number of real tokens. That reads the
+        mask's row sums back to the host; ``model.encode`` checks once per batch and turns
+        it off, so that a GPU is not stopped in every layer.
 
     Returns
     -------
     (B, H, N, D)
     """
-    xp = get_xp(q)
     n = q.shape[-2]
-    real = xp.full((q.shape[0],), n) if mask is None else mask.sum(axis=-1)  # (B,)
-    if mask_landmarks:
-        shortest = int(real.min())
-        if not 1 <= num_landmarks <= shortest:
-            raise ValueError(
-                f"num_landmarks must be between 1 and the number of real tokens of the "
-                f"shortest sequence ({shortest}), got {num_landmarks}."
-            )
-    elif not 1 <= num_landmarks <= n:
+    if not 1 <= num_landmarks <= n:
         raise ValueError(f"num_landmarks must be between 1 and N = {n}, got {num_landmarks}.")
+    if mask_landmarks and check_lengths:
+        check_landmarks(mask, num_landmarks)
     if pinv not in ("iterative", "exact"):
         raise ValueError(f"pinv must be 'iterative' or 'exact', got {pinv!r}.")
 
@@ -204,12 +212,28 @@ def nystrom_attention(
     q_land = segment_means(q, num_landmarks, segment_mask)  # (B, H, M, D)
     k_land = segment_means(k, num_landmarks, segment_mask)  # (B, H, M, D)
 
-    f = softmax(q @ k_land.swapaxes(-1, -2))  # (B, H, N, D) @ (B, H, D, M) -> (B, H, N, M)
-    a = softmax(q_land @ k_land.swapaxes(-1, -2))  # (B, H, M, D) @ (B, H, D, M) -> (B, H, M, M)
-    scores = q_land @ k.swapaxes(-1, -2)  # (B, H, M, D) @ (B, H, D, N) -> (B, H, M, N)
+    # Bk V first, so that the (M, N) scores and the scaled k are freed before F is made:
+    # the peak then holds one (N, M)-sized kernel, not three.
+    bk = q_land @ k.swapaxes(-1, -2)  # (B, H, M, D) @ (B, H, D, N) -> (B, H, M, N)
     if mask is not None:
-        scores = scores + mask_bias(mask, scores.dtype)
-    bk = softmax(scores)  # (B, H, M, N)
-
+        bk += mask_bias(mask, bk.dtype)
+    bv = softmax(bk, out=bk) @ v  # (B, H, M, N) @ (B, H, N, D) -> (B, H, M, D)
+    del bk, k
+    a = softmax(q_land @ k_land.swapaxes(-1, -2))  # (B,H,M,D) @ (B,H,D,M) -> (B, H, M, M)
     z = iterative_pinv(a, iterations, init) if pinv == "iterative" else exact_pinv(a)
-    return (f @ z) @ (bk @ v)  # (B, H, N, M) @ (B, H, M, D) -> (B, H, N, D)
+    f = q @ k_land.swapaxes(-1, -2)  # (B, H, N, D) @ (B, H, D, M) -> (B, H, N, M)
+    del q
+    f = softmax(f, out=f)  # in place: the scores are ours
+    return (f @ z) @ bv  # (B, H, N, M) @ (B, H, M, M) @ (B, H, M, D) -> (B, H, N, D)
+
+
+def check_landmarks(mask, num_landmarks):
+    """Raise unless every row of ``mask`` (B, N) has at least M real tokens to average."""
+    if mask is None:
+        return
+    shortest = int(mask.sum(axis=-1).min())
+    if num_landmarks > shortest:
+        raise ValueError(
+            f"num_landmarks must be between 1 and the number of real tokens of the "
+            f"shortest sequence ({shortest}), got {num_landmarks}."
+        )

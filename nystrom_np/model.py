@@ -17,7 +17,7 @@ import dataclasses
 
 import numpy as np
 
-from .attention import nystrom_attention, softmax_attention
+from .attention import check_landmarks, nystrom_attention, softmax_attention
 from .backend import get_xp, map_arrays, to_device, to_numpy
 from .config import Config
 from .layers import ACTIVATIONS, depthwise_conv, embed, layer_norm, linear
@@ -99,19 +99,27 @@ def encoder_layer(
     context = attend(q, k, v, mask, **attention)  # (B, H, N, D)
     if conv is not None:
         conv_input = v * mask[:, None, :, None] if mask_conv_input and mask is not None else v
-        context = context + depthwise_conv(conv_input, conv)
+        context += depthwise_conv(conv_input, conv)
     context = context.transpose(0, 2, 1, 3).reshape(b, n, c)  # (B, H, N, D) -> (B, N, C)
 
     eps, act = config.layer_norm_eps, ACTIVATIONS[config.hidden_act]
-    a = layer_norm(x + linear(context, **attention_output), **attention_ln, eps=eps)
-    return layer_norm(a + linear(act(linear(a, **intermediate)), **output), **output_ln, eps=eps)
+    # The residual sums are added in place into the fresh outputs of ``linear``.
+    attended = linear(context, **attention_output)
+    attended += x
+    a = layer_norm(attended, **attention_ln, eps=eps)
+    fed = linear(act(linear(a, **intermediate)), **output)
+    fed += a
+    return layer_norm(fed, **output_ln, eps=eps)
 
 
 def attend(q, k, v, mask, mode, num_landmarks, pinv, iterations, init, mask_landmarks):
     """Exact or Nystrom attention, as ``resolve_attention`` decided for this input."""
     if mode == "exact":
         return softmax_attention(q, k, v, mask)
-    return nystrom_attention(q, k, v, mask, num_landmarks, pinv, iterations, init, mask_landmarks)
+    # encode has checked num_landmarks against the real lengths, once for every layer.
+    return nystrom_attention(
+        q, k, v, mask, num_landmarks, pinv, iterations, init, mask_landmarks, check_lengths=False
+    )
 
 
 def encode(
@@ -155,6 +163,8 @@ def encode(
     options = resolve_attention(
         config, ids.shape[1], attention, num_landmarks, pinv, pinv_iterations, pinv_init
     )
+    if options["mask_landmarks"]:
+        check_landmarks(mask, options["num_landmarks"])
 
     emb = params["embeddings"]
     x = embed(ids, types, emb["word"], emb["position"], emb["token_type"], config.position_offset)
@@ -180,7 +190,7 @@ def mlm_head(model, x):
     act = ACTIVATIONS[model.config.hidden_act]
     t = act(linear(x, **head["transform"]))
     t = layer_norm(t, **head["transform_ln"], eps=model.config.layer_norm_eps)
-    return t @ model.params["embeddings"]["word"].T + head["bias"]  # (..., C) @ (C, V)
+    return linear(t, model.params["embeddings"]["word"].T, head["bias"])  # (..., C) @ (C, V)
 
 
 def forward(

@@ -133,19 +133,12 @@ class HostTrip(np.ndarray):
     __int__ = __float__ = __bool__ = __index__ = item = tolist = _fail
 
 
-# Remove when attention.nystrom_attention no longer checks num_landmarks on the host.
-HOST_TRIP_IN_NYSTROM = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "attention.nystrom_attention checks num_landmarks against int(real.min()), a host round "
-    "trip in every layer (issue 8)"))
-
-
 @pytest.mark.parametrize("mode", [
-    "hf", "exact", "exact-masked-conv",
-    pytest.param("nystrom", marks=HOST_TRIP_IN_NYSTROM),
-    pytest.param("nystrom-exact-pinv", marks=HOST_TRIP_IN_NYSTROM),
+    "hf", "exact", "exact-masked-conv", "nystrom", "nystrom-exact-pinv",
 ])
 def test_forward_makes_no_host_round_trip(monkeypatch, mode):
-    """Past the input checks (the public boundary), nothing in ``forward`` turns an array
+    """Past the input checks at the public boundary (``check_inputs``, and
+    ``check_landmarks`` once per batch), nothing in ``forward`` turns an array
     into a Python value: on a GPU each such step would stall the device. Emulated on the
     CPU: weights and inputs are ``HostTrip`` arrays, which every NumPy operation keeps."""
     model = random_model(SMALL, seed=0, dtype=np.float64)
@@ -156,7 +149,13 @@ def test_forward_makes_no_host_round_trip(monkeypatch, mode):
     def checked_then_on_device(*args):  # the checks may look at the values; nothing after
         return tuple(None if a is None else a.view(HostTrip) for a in check_inputs(*args))
 
+    check_landmarks = model_module.check_landmarks
+
+    def landmarks_checked_once(mask, m):  # the one boundary check of M against the lengths
+        check_landmarks(None if mask is None else mask.view(np.ndarray), m)
+
     monkeypatch.setattr(model_module, "check_inputs", checked_then_on_device)
+    monkeypatch.setattr(model_module, "check_landmarks", landmarks_checked_once)
     ids = np.random.default_rng(0).integers(0, SMALL.vocab_size, (2, 16))
     mask = np.ones((2, 16), dtype=int)
     mask[1, 12:] = 0

@@ -1,0 +1,116 @@
+"""Long inputs: the full model with Nystrom attention against exact attention, N = 4096.
+
+A config with 4096 positions (as the ``uw-madison/nystromformer-4096`` sibling has;
+otherwise the real config: 12 layers, C = 768, V = 30000), random float32 weights, one
+sequence of N = 4096 tokens, masked-LM logits at every position. Side by side in one run
+(alternating, warm-up first, median of ``--repeats`` rounds, the same thread count):
+
+- ``nystrom``: nystrom_np, ``attention="nystrom"``, M = 64 landmarks, 6 iterations of the
+  pseudo-inverse (the paper's method);
+- ``exact``: nystrom_np, ``attention="exact"``: softmax attention with its N x N scores;
+- ``transformers landmark``: transformers' own landmark path, which runs only when the
+  config has ``segment_means_seq_len = N`` (here 4096) and ``num_landmarks = 64``;
+- with ``--torch-exact``, also transformers with exact attention (its config then has
+  ``num_landmarks = segment_means_seq_len``, the rule that selects exact attention).
+
+The MLM head and the feed-forward layers cost the same in every mode, so the whole-model
+ratio is smaller than the attention-only one; the table gives the FLOP counts of both
+modes to show how much of the gap attention can explain.
+
+Usage: ``python benchmarks/long.py [--threads 2] [--repeats 3] [--length 4096]
+[--landmarks 64] [--torch-exact] [--no-memory]``. Prints a table, then one JSON line.
+"""
+
+import json
+
+from _common import (
+    alternate,
+    arguments,
+    build,
+    config_dict,
+    describe_machine,
+    forward_flops,
+    has_torch,
+    machine,
+    measure_memory,
+    set_threads,
+    stats,
+    table,
+)
+
+
+def main(argv=None) -> dict:
+    parser = arguments(__doc__.splitlines()[0], repeats=3)
+    parser.add_argument("--length", type=int, default=None, help="N (default 4096)")
+    parser.add_argument("--landmarks", type=int, default=None, help="M (default 64)")
+    parser.add_argument("--torch-exact", action="store_true",
+                        help="also time transformers with exact attention (slow)")
+    args = parser.parse_args(argv)
+    n = args.length or (32 if args.tiny else 4096)
+    m = args.landmarks or (4 if args.tiny else 64)
+    # transformers' landmark path needs segment_means_seq_len = N (see REFERENCE.md section 3)
+    config = config_dict(args.tiny, max_position_embeddings=n, segment_means_seq_len=n,
+                         num_landmarks=m)
+    torch = has_torch()
+    base = dict(config=config, batch=1, length=n, threads=args.threads)
+    specs = {
+        "nystrom": {**base, "side": "nystrom_np", "options": {"attention": "nystrom"}},
+        "exact": {**base, "side": "nystrom_np", "options": {"attention": "exact"}},
+    }
+    if torch:
+        specs["transformers landmark"] = {**base, "side": "transformers"}
+        if args.torch_exact:
+            exact_config = {**config, "num_landmarks": n}  # = segment_means_seq_len: exact
+            specs["transformers exact"] = {**base, "config": exact_config, "side": "transformers"}
+    else:
+        print("transformers is not installed: timing nystrom_np's two modes only")
+
+    calls = {}
+    for name, spec in specs.items():
+        calls[name], _ = build(spec)  # each call holds its model
+    set_threads(args.threads)
+    times = alternate(calls, args.repeats)
+    del calls
+    rows = []
+    for name, spec in specs.items():
+        row = {"name": name, **stats(times[name])}
+        if not args.no_memory:
+            row["memory"] = measure_memory(spec)
+            row["peak_mb"] = row["memory"]["peak_mb"]
+        rows.append(row)
+    nystrom_ms = rows[0]["median_ms"]
+    for row in rows:
+        row["time_vs_nystrom"] = row["median_ms"] / nystrom_ms
+    flops = {
+        mode: forward_flops(config, 1, n, mode, m) for mode in ("nystrom", "exact")
+    }
+
+    info = machine(args.threads)
+    print(f"Full model (masked-LM logits at every position), float32, B = 1, N = {n}, "
+          f"M = {m}, {'TINY config' if args.tiny else 'the real config with 4096 positions'}; "
+          f"median of {args.repeats} alternating runs")
+    print(describe_machine(info))
+    print()
+    print(table(rows, [
+        ("", "name", "{}"),
+        ("median ms", "median_ms", "{:.0f}"),
+        ("min ms", "min_ms", "{:.0f}"),
+        ("max ms", "max_ms", "{:.0f}"),
+        ("time / nystrom", "time_vs_nystrom", "{:.2f}"),
+        ("peak MB", "peak_mb", "{:.0f}"),
+    ]))
+    total = {mode: sum(f.values()) / 1e9 for mode, f in flops.items()}
+    attention = {mode: f["attention"] / 1e9 for mode, f in flops.items()}
+    print(f"FLOP of the whole model: nystrom {total['nystrom']:.0f} G, exact "
+          f"{total['exact']:.0f} G (ratio {total['exact'] / total['nystrom']:.2f}); of "
+          f"attention alone: {attention['nystrom']:.1f} G and {attention['exact']:.1f} G")
+    print("peak MB: the forward's peak resident memory above the loaded model, in a fresh "
+          "process each")
+    result = {"benchmark": "long", "machine": info, "repeats": args.repeats, "tiny": args.tiny,
+              "length": n, "landmarks": m, "flops": flops, "results": rows}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
