@@ -20,23 +20,29 @@ by side**, so that both see the same machine in the same state:
   CPU allocator does not report to Python). For NumPy, the peak of ``tracemalloc``
   (NumPy's own array allocations) is given as a cross-check.
 
+The alternating timing is ``nystrom_np.timing.compare`` (the book's runtime chapter uses it
+too), called here with a pause and without its memory tracing; ``table`` and ``usable_cpus``
+come from there as well. What stays here is the benchmarks' own: the thread setting shared
+with PyTorch, the machine record, the two models side by side, the fresh-process memory
+runs, the command line and the closing JSON line.
+
 Usage of the scripts: see each one's docstring. Each prints a readable table, then one
 line of JSON with every figure (``json.loads`` of the last line).
 """
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
-import time
 import tracemalloc
 from pathlib import Path
 
 import numpy as np
+
+from nystrom_np.timing import compare, machine_info, usable_cpus
 
 ROOT = Path(__file__).resolve().parent.parent
 # A small config for smoke tests (``--tiny``): every code path, in well under a second.
@@ -47,24 +53,6 @@ PAUSE_S = 0.2  # between timed calls, for idle BLAS / OpenMP threads to go to sl
 
 
 # ------------------------------------------------------------------------------ machine
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux ``/proc/cpuinfo``), or what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def blas_info() -> list:
@@ -111,17 +99,9 @@ def set_threads(n: int):
 
 
 def machine(threads: int) -> dict:
-    """What the figures were measured on: CPU, cores, libraries and their thread counts."""
-    info = {
-        "cpu": cpu_model(),
-        "logical_cpus": os.cpu_count(),
-        "usable_cpus": usable_cpus(),
-        "threads": threads,
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "blas": blas_info(),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-    }
+    """What the figures were measured on: ``timing.machine_info`` (CPU, cores, load, NumPy),
+    the thread count asked for, each BLAS library's owner, and torch's side when loaded."""
+    info = {**machine_info(), "threads": threads, "blas": blas_info()}
     if "torch" not in sys.modules or "transformers" not in sys.modules:
         return info  # this benchmark did not use them: do not load them to print a version
     import torch
@@ -156,46 +136,24 @@ def describe_machine(info: dict) -> str:
 
 
 def has_torch() -> bool:
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether torch and transformers are installed (without importing them)."""
+    return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
 
 
 # -------------------------------------------------------------------------------- timing
 
 
-def alternate(candidates: dict, repeats: int, warmup: int = 1, pause: float = PAUSE_S) -> dict:
-    """Time each candidate (a name -> zero-argument callable) ``repeats`` times, interleaved.
+def alternate(candidates: dict, repeats: int) -> dict:
+    """Time each candidate (a name -> zero-argument callable) side by side, interleaved.
 
-    Returns name -> list of seconds, one per round.
+    ``timing.compare`` as the benchmarks run it: one warm-up call each, then ``repeats``
+    rounds in a rotating order, a pause of ``PAUSE_S`` before every timed call, no memory
+    tracing (the scripts measure memory in fresh processes instead).
+
+    Returns name -> {"median_ms", "min_ms", "max_ms", "times_ms", "median_cpu_ms",
+    "cpu_times_ms"}.
     """
-    names = list(candidates)
-    for _ in range(warmup):
-        for name in names:
-            candidates[name]()
-    times = {name: [] for name in names}
-    for r in range(repeats):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:  # rotate the order: no fixed position
-            gc.collect()
-            time.sleep(pause)
-            start = time.perf_counter()
-            candidates[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def stats(seconds: list) -> dict:
-    """Median, min and max of a list of timings, in milliseconds."""
-    return {
-        "median_ms": 1e3 * statistics.median(seconds),
-        "min_ms": 1e3 * min(seconds),
-        "max_ms": 1e3 * max(seconds),
-        "runs": len(seconds),
-    }
+    return compare(candidates, repeats, memory=False, pause=PAUSE_S)
 
 
 # ------------------------------------------------------------------- the two models
@@ -312,23 +270,6 @@ def forward_flops(config: dict, batch: int, length: int, attention: str = "exact
     }
 
 
-def matmul_rate(threads: int, size: int = 2048, repeats: int = 5) -> float:
-    """The machine's float32 matrix-product rate in FLOP/s: best of ``repeats`` square
-    ``size`` x ``size`` products with NumPy's BLAS, at the current thread count."""
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((size, size), dtype=np.float32)
-    b = rng.standard_normal((size, size), dtype=np.float32)
-    a @ b  # warm-up
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
-    return 2 * size**3 / best
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 # --------------------------------------------------------------- memory, in a fresh process
 
 
@@ -422,17 +363,30 @@ def arguments(description: str, repeats: int) -> argparse.ArgumentParser:
     return parser
 
 
-def table(rows: list, columns: list) -> str:
-    """A plain-text table: ``columns`` is a list of (header, key, format)."""
-    cells = [[h for h, _, _ in columns]]
-    for row in rows:
-        cells.append([
-            "-" if row.get(key) is None else fmt.format(row[key]) for _, key, fmt in columns
-        ])
-    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+def parse_cases(text: str) -> list:
+    """``"1x128,8x128"`` -> [(1, 128), (8, 128)]: the (B, N) of ``--cases``."""
+    cases = []
+    for item in text.split(","):
+        b, n = item.lower().split("x")
+        cases.append((int(b), int(n)))
+    return cases
+
+
+def header(title: str, threads: int) -> dict:
+    """Print a benchmark's title and the machine it runs on; return the machine's record."""
+    info = machine(threads)
+    print(title)
+    print(describe_machine(info))
+    print()
+    return info
+
+
+def json_line(benchmark: str, info: dict, args, rows: list, **extra) -> dict:
+    """Print the closing JSON line (every figure of the run) and return it as a dict."""
+    result = {"benchmark": benchmark, "machine": info, "repeats": args.repeats,
+              "tiny": args.tiny, **extra, "results": rows}
+    print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--memory-worker":

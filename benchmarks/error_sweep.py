@@ -33,7 +33,10 @@ from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
-from _common import blas_info, cpu_model, set_threads, table, usable_cpus
+from _common import blas_info, set_threads
+
+from nystrom_np.plotting import cpu_name
+from nystrom_np.timing import table, usable_cpus
 
 PARTS = ("budget", "temperature", "pinv", "length", "swap")
 
@@ -111,13 +114,13 @@ def main(argv=None) -> dict:
     info = {
         "model": subject.name, "nystromformer": subject.nystromformer, "dtype": dtype.name,
         "n": n, "samples": args.samples, "layers": layers or "all", "heads": heads or "all",
-        "machine": {"cpu": cpu_model(), "usable_cpus": usable_cpus(), "threads": args.threads,
+        "machine": {"cpu": cpu_name(), "usable_cpus": usable_cpus(), "threads": args.threads,
                     "python": platform.python_version(), "numpy": np.__version__,
                     "blas": blas_info()},
     }
     print(f"model: {subject.name} ({dtype.name}); N = {n}, {args.samples} passage(s); "
           f"layers {info['layers']}, heads {info['heads']}")
-    print(f"CPU: {cpu_model()}, {args.threads} BLAS thread(s)\n")
+    print(f"CPU: {cpu_name()}, {args.threads} BLAS thread(s)\n")
     ids = st.passages(text, n, args.samples, tokenizer)
     qkv = attention_inputs(model, ids)
     arrays, summary = {}, {"info": info}

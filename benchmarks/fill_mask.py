@@ -15,7 +15,6 @@ Usage: ``python benchmarks/fill_mask.py [--threads 2] [--repeats 7] [--checkpoin
 Prints a table, then one JSON line.
 """
 
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -25,15 +24,15 @@ from _common import (
     alternate,
     arguments,
     config_dict,
-    describe_machine,
     has_torch,
-    machine,
+    header,
+    json_line,
     our_model,
     set_threads,
-    stats,
-    table,
     torch_model,
 )
+
+from nystrom_np.timing import table
 
 SHORT = "Paris is the [MASK] of France."
 LONG_TOKENS = 500  # the long text's length in tokens, [CLS] and [SEP] included
@@ -109,16 +108,14 @@ def main(argv=None) -> dict:
             "transformers": lambda text=text: pipe(text),
         }, args.repeats)
         row = {"text": name, "tokens": n, "same_top5": same,
-               **{side: stats(t) for side, t in times.items()}}
+               **times}
         row["ours_ms"] = row["nystrom_np"]["median_ms"]
         row["torch_ms"] = row["transformers"]["median_ms"]
         row["time_ratio"] = row["ours_ms"] / row["torch_ms"]
         rows.append(row)
 
-    info = machine(args.threads)
-    print(f"fill-mask, text in, top-5 out; {source}; median of {args.repeats} alternating runs")
-    print(describe_machine(info))
-    print()
+    info = header(f"fill-mask, text in, top-5 out; {source}; median of {args.repeats} "
+                  "alternating runs", args.threads)
     print(table(rows, [
         ("text", "text", "{}"),
         ("N", "tokens", "{}"),
@@ -128,10 +125,7 @@ def main(argv=None) -> dict:
         ("same top-5", "same_top5", "{}"),
     ]))
     print("time ratio = nystrom_np / transformers' pipeline (below 1: nystrom_np is faster)")
-    result = {"benchmark": "fill_mask", "machine": info, "repeats": args.repeats,
-              "tiny": args.tiny, "weights": source, "results": rows}
-    print(json.dumps(result))
-    return result
+    return json_line("fill_mask", info, args, rows, weights=source)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Usage: ``python benchmarks/forward.py [--threads 2] [--repeats 7] [--cases 1x128
 [--no-memory]``. Prints a table, then one JSON line.
 """
 
-import json
 import sys
 
 import numpy as np
@@ -22,26 +21,18 @@ from _common import (
     arguments,
     build,
     config_dict,
-    describe_machine,
     has_torch,
-    machine,
+    header,
+    json_line,
     measure_memory,
+    parse_cases,
     set_threads,
-    stats,
-    table,
 )
+
+from nystrom_np.timing import table
 
 CASES = "1x128,1x510,8x128"
 TINY_CASES = "1x8,2x16"
-
-
-def parse_cases(text: str) -> list:
-    """``"1x128,8x128"`` -> [(1, 128), (8, 128)]."""
-    cases = []
-    for item in text.split(","):
-        b, n = item.lower().split("x")
-        cases.append((int(b), int(n)))
-    return cases
 
 
 def main(argv=None) -> dict:
@@ -65,8 +56,8 @@ def main(argv=None) -> dict:
         row = {
             "batch": b,
             "length": n,
-            "nystrom_np": stats(times["nystrom_np"]),
-            "transformers": stats(times["transformers"]),
+            "nystrom_np": times["nystrom_np"],
+            "transformers": times["transformers"],
             "max_abs_logit_difference": difference,
         }
         row["time_ratio"] = row["nystrom_np"]["median_ms"] / row["transformers"]["median_ms"]
@@ -75,12 +66,9 @@ def main(argv=None) -> dict:
                 row[side]["memory"] = measure_memory({**spec, "side": side})
         rows.append(row)
 
-    info = machine(args.threads)
-    print(f"Forward pass, masked-LM logits at every position, float32, "
-          f"{'TINY config' if args.tiny else 'the real config'}; median of {args.repeats} "
-          f"alternating runs")
-    print(describe_machine(info))
-    print()
+    info = header(f"Forward pass, masked-LM logits at every position, float32, "
+                  f"{'TINY config' if args.tiny else 'the real config'}; median of "
+                  f"{args.repeats} alternating runs", args.threads)
     print(table([_flat(r) for r in rows], [
         ("B", "batch", "{}"),
         ("N", "length", "{}"),
@@ -96,10 +84,7 @@ def main(argv=None) -> dict:
     ]))
     print("time ratio = nystrom_np / torch (below 1: nystrom_np is faster); peak MB: the "
           "forward's peak resident memory above the loaded model, each side in a fresh process")
-    result = {"benchmark": "forward", "machine": info, "repeats": args.repeats,
-              "tiny": args.tiny, "results": rows}
-    print(json.dumps(result))
-    return result
+    return json_line("forward", info, args, rows)
 
 
 def _flat(row: dict) -> dict:

@@ -18,26 +18,24 @@ Prints a table, then one JSON line.
 """
 
 import inspect
-import json
 
 import numpy as np
 from _common import (
     alternate,
     arguments,
     config_dict,
-    describe_machine,
     forward_flops,
+    header,
     input_ids,
-    machine,
+    json_line,
     our_forward,
     our_model,
+    parse_cases,
     set_threads,
-    stats,
-    table,
 )
-from forward import parse_cases
 
 from nystrom_np.layers import depthwise_conv
+from nystrom_np.timing import table
 
 CASES = "1x510"
 TINY_CASES = "1x16"
@@ -109,7 +107,7 @@ def main(argv=None) -> dict:
         times = alternate(candidates, args.repeats)
         flops = forward_flops(config, batch, length)
         row = {"batch": batch, "length": length, "flops": flops, "gflop": sum(flops.values()) /
-               1e9, **{name: stats(t) for name, t in times.items()}}
+               1e9, **times}
         rate = 2 * peak_size**3 / (row["peak"]["median_ms"] / 1e3)  # FLOP/s
         row["peak_gflops"] = rate / 1e9
         row["limit_ms"] = sum(flops.values()) / rate * 1e3
@@ -118,12 +116,10 @@ def main(argv=None) -> dict:
         row["products_share"] = row["products"]["median_ms"] / row["forward"]["median_ms"]
         rows.append(row)
 
-    info = machine(args.threads)
-    print(f"Forward pass against the matmul limit, float32, "
-          f"{'TINY config' if args.tiny else 'the real config'}, exact attention, logits at "
-          f"every position; median of {args.repeats} alternating runs")
-    print(describe_machine(info))
-    print()
+    info = header(f"Forward pass against the matmul limit, float32, "
+                  f"{'TINY config' if args.tiny else 'the real config'}, exact attention, "
+                  f"logits at every position; median of {args.repeats} alternating runs",
+                  args.threads)
     print(table([{**r, "forward_ms": r["forward"]["median_ms"],
                   "products_ms": r["products"]["median_ms"]} for r in rows], [
         ("B", "batch", "{}"),
@@ -139,10 +135,7 @@ def main(argv=None) -> dict:
     ]))
     print(f"peak: the best rate of a {peak_size}^3 float32 product; limit = FLOP / peak rate; "
           "products: the forward's matrix products alone")
-    result = {"benchmark": "limit", "machine": info, "repeats": args.repeats,
-              "tiny": args.tiny, "peak_size": peak_size, "results": rows}
-    print(json.dumps(result))
-    return result
+    return json_line("limit", info, args, rows, peak_size=peak_size)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ JSON line.
 """
 
 import argparse
-import importlib.util
 import json
 import platform
 import statistics
@@ -36,6 +35,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+from _common import has_torch, proc_status, reset_peak_rss
 
 from nystrom_np.checkpoint import read_safetensors, read_torch_bin
 from nystrom_np.config import Config
@@ -53,25 +53,6 @@ SMALL = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention
 
 
 # ------------------------------------------------------------------- in the worker process
-
-
-def proc_status(field) -> int:
-    """A ``/proc/self/status`` memory field in bytes (Linux), or 0 where there is none."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def reset_peak_rss():
-    """Make VmHWM restart from the current resident set (Linux >= 4.0)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 def load_numpy(method, folder):
@@ -126,11 +107,6 @@ def worker(method, folder):
 
 
 # --------------------------------------------------------------------- in the main process
-
-
-def has_torch() -> bool:
-    """Whether torch and transformers are installed (without importing them)."""
-    return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
 
 
 def save_files(folder: Path, config: Config, with_torch: bool) -> float:

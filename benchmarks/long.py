@@ -21,22 +21,20 @@ Usage: ``python benchmarks/long.py [--threads 2] [--repeats 3] [--length 4096]
 [--landmarks 64] [--torch-exact] [--no-memory]``. Prints a table, then one JSON line.
 """
 
-import json
-
 from _common import (
     alternate,
     arguments,
     build,
     config_dict,
-    describe_machine,
     forward_flops,
     has_torch,
-    machine,
+    header,
+    json_line,
     measure_memory,
     set_threads,
-    stats,
-    table,
 )
+
+from nystrom_np.timing import table
 
 
 def main(argv=None) -> dict:
@@ -73,7 +71,7 @@ def main(argv=None) -> dict:
     del calls
     rows = []
     for name, spec in specs.items():
-        row = {"name": name, **stats(times[name])}
+        row = {"name": name, **times[name]}
         if not args.no_memory:
             row["memory"] = measure_memory(spec)
             row["peak_mb"] = row["memory"]["peak_mb"]
@@ -85,12 +83,10 @@ def main(argv=None) -> dict:
         mode: forward_flops(config, 1, n, mode, m) for mode in ("nystrom", "exact")
     }
 
-    info = machine(args.threads)
-    print(f"Full model (masked-LM logits at every position), float32, B = 1, N = {n}, "
-          f"M = {m}, {'TINY config' if args.tiny else 'the real config with 4096 positions'}; "
-          f"median of {args.repeats} alternating runs")
-    print(describe_machine(info))
-    print()
+    info = header(f"Full model (masked-LM logits at every position), float32, B = 1, N = {n}, "
+                  f"M = {m}, "
+                  f"{'TINY config' if args.tiny else 'the real config with 4096 positions'}; "
+                  f"median of {args.repeats} alternating runs", args.threads)
     print(table(rows, [
         ("", "name", "{}"),
         ("median ms", "median_ms", "{:.0f}"),
@@ -106,10 +102,7 @@ def main(argv=None) -> dict:
           f"attention alone: {attention['nystrom']:.1f} G and {attention['exact']:.1f} G")
     print("peak MB: the forward's peak resident memory above the loaded model, in a fresh "
           "process each")
-    result = {"benchmark": "long", "machine": info, "repeats": args.repeats, "tiny": args.tiny,
-              "length": n, "landmarks": m, "flops": flops, "results": rows}
-    print(json.dumps(result))
-    return result
+    return json_line("long", info, args, rows, length=n, landmarks=m, flops=flops)
 
 
 if __name__ == "__main__":

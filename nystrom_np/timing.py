@@ -3,7 +3,8 @@
 Shapes: B batch, H heads, N tokens, D head size, M landmarks, C = H*D hidden size, L layers.
 
 How things are measured (the book's runtime chapter and ``benchmarks/attention_scaling.py``
-both call these functions):
+call these functions; the side-by-side benchmarks against PyTorch time with ``compare`` too,
+through ``benchmarks/_common.py``, and print with ``table``):
 
 - **Side by side.** ``compare`` runs several candidates (name -> zero-argument callable) in
   one process: a warm-up call of each, then ``repeats`` rounds in which every candidate runs

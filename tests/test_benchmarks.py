@@ -90,6 +90,25 @@ def test_fill_mask_script(capsys):
         assert row["time_ratio"] > 0
 
 
+def test_common_helpers():
+    """The scripts' timing is ``timing.compare`` (warm-up, then rotating rounds), and their
+    JSON line carries every figure under the same top-level keys."""
+    common = load_script("_common")
+    assert common.parse_cases("1x128,8X64") == [(1, 128), (8, 64)]
+    calls = []
+    times = common.alternate({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 2)
+    assert calls == ["a", "b", "a", "b", "b", "a"]  # one warm-up each, then the order rotates
+    for figures in times.values():
+        assert len(figures["times_ms"]) == 2
+        assert figures["min_ms"] <= figures["median_ms"] <= figures["max_ms"]
+    info = common.machine(1)
+    assert info["threads"] == 1 and info["usable_cpus"] >= 1 and info["cpu"]
+    args = common.arguments("test", repeats=3).parse_args(["--tiny"])
+    result = common.json_line("test", info, args, [{"x": 1}], extra=2)
+    assert list(result) == ["benchmark", "machine", "repeats", "tiny", "extra", "results"]
+    assert result["repeats"] == 3 and result["tiny"] and result["results"] == [{"x": 1}]
+
+
 def test_flop_count_of_the_real_config():
     common = load_script("_common")
     flops = common.forward_flops(Config().to_dict(), 1, 510)
