@@ -29,11 +29,12 @@ import os
 import pickle
 import re
 import shutil
+import socket
 import struct
 import zipfile
 import zlib
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlparse
 
 import numpy as np
 
@@ -433,6 +434,24 @@ def _cached_snapshot(repo_id, revision):
     return snapshot if snapshot.is_dir() else None
 
 
+def hub_reachable(timeout=3.0) -> bool:
+    """Whether the hub answers a TCP connection within ``timeout`` seconds.
+
+    Asked before any download, because huggingface_hub retries an unreachable host for
+    about half a minute, printing each retry.
+    """
+    if _offline():
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _download(repo_id, revision, source_path):
     """Fetch config.json and one weights file with huggingface_hub, or explain how to."""
     why = None
@@ -443,6 +462,8 @@ def _download(repo_id, revision, source_path):
             import huggingface_hub
         except ImportError:
             why = "huggingface_hub is not installed, so nothing was downloaded"
+    if why is None and not hub_reachable():
+        why = "the hub did not answer within 3 s (no network?), so nothing was downloaded"
     if why is None:
         try:
             from huggingface_hub.errors import EntryNotFoundError

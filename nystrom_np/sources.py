@@ -26,9 +26,7 @@ landmark matrix ill-conditioned, a poor stand-in for real activations).
 import contextlib
 import dataclasses
 import os
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 
@@ -97,7 +95,7 @@ def resolve_weights(
             kind = FileNotFoundError if isinstance(e, OSError) else ValueError
             raise kind(f"{origin} = {str(named)!r} cannot be loaded: {e}") from e
 
-    online = download and _hub_reachable()
+    online = download and checkpoint.hub_reachable()
     try:
         with _hub_offline(not online):
             return _load(checkpoint, REPO_ID, dtype, device)
@@ -169,28 +167,6 @@ def _first_line(error) -> str:
     return text.splitlines()[0][:200]
 
 
-def _hub_reachable(timeout=3.0) -> bool:
-    """Whether the hub answers a TCP connection within ``timeout`` seconds.
-
-    A quick check first, because huggingface_hub retries an unreachable host for about
-    half a minute: too long to pay in every chapter of an offline build.
-    """
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return False
-    try:
-        import huggingface_hub  # noqa: F401  (the downloader needs it)
-    except ImportError:
-        return False
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    host = endpoint.hostname or "huggingface.co"
-    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 @contextlib.contextmanager
 def _hub_offline(offline: bool):
     """Set ``HF_HUB_OFFLINE=1`` for the duration (cache only, no network), then restore it."""
@@ -218,7 +194,9 @@ def _fetch_spiece():
         cached = huggingface_hub.try_to_load_from_cache(REPO_ID, "spiece.model")
         if isinstance(cached, str):
             return Path(cached)
-        if _hub_reachable():
+        from .checkpoint import hub_reachable
+
+        if hub_reachable():
             return Path(huggingface_hub.hf_hub_download(REPO_ID, "spiece.model"))
     except Exception:  # a missing tokenizer is reported in the note, not raised
         return None

@@ -34,6 +34,7 @@ from _checkpoint_files import (
 )
 from safetensors.numpy import save_file
 
+from nystrom_np import checkpoint
 from nystrom_np.checkpoint import (
     CheckpointError,
     convert,
@@ -481,6 +482,7 @@ def test_download_tries_safetensors_then_the_bin(small, tmp_path, monkeypatch):
 
     monkeypatch.setattr(hub, "hf_hub_download", fake_download)
     monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(checkpoint, "hub_reachable", lambda: True)
     model = load("uw-madison/nystromformer-512", revision="v1.0")
     assert same_model(model, small.models[0])
     cache_dir = hub_cache_dir()
@@ -488,6 +490,23 @@ def test_download_tries_safetensors_then_the_bin(small, tmp_path, monkeypatch):
         ("uw-madison/nystromformer-512", name, "v1.0", cache_dir)
         for name in ("config.json", "model.safetensors", "pytorch_model.bin")
     ]
+
+
+def test_unreachable_hub_is_not_retried(monkeypatch):
+    """No network: one quick probe, no download attempt, and the error says so."""
+    hub = pytest.importorskip("huggingface_hub", reason="checks that no download is tried")
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("hf_hub_download called although the hub is unreachable")
+
+    def refuse(address, *args, **kwargs):
+        raise OSError("network is unreachable (test)")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(hub, "hf_hub_download", no_download)
+    monkeypatch.setattr(checkpoint.socket, "create_connection", refuse)
+    with pytest.raises(FileNotFoundError, match="did not answer within 3 s"):
+        load("uw-madison/nystromformer-512")
 
 
 def test_without_huggingface_hub(monkeypatch):
