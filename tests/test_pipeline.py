@@ -15,14 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from albert_spiece import build_spiece
 
 from nystrom_np import pipeline
 from nystrom_np.attention import softmax
 from nystrom_np.config import Config
 from nystrom_np.model import Model, forward, random_model, to_state_dict
 from nystrom_np.pipeline import fill_mask
-from nystrom_np.tokenizer import Tokenizer
 
 pytest.importorskip("sentencepiece")
 
@@ -37,16 +35,6 @@ TEXTS = [
     "[MASK][MASK] [MASK]",  # nothing but masks
     "The capital of Spain is [MASK]",  # as long as TEXTS[2]: one batch of two
 ]
-
-
-@pytest.fixture(scope="session")
-def spiece_path(tmp_path_factory):
-    return build_spiece(tmp_path_factory.mktemp("spiece") / "spiece.model")
-
-
-@pytest.fixture(scope="session")
-def tok(spiece_path):
-    return Tokenizer(spiece_path)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 import pytest
-from albert_spiece import CORPUS, build_spiece
+from albert_spiece import CORPUS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -49,16 +49,6 @@ PAIRS = [
     ("[MASK]", "[MASK] [MASK]"),
     ("one " * 400, "two " * 300),
 ]
-
-
-@pytest.fixture(scope="session")
-def spiece_path(tmp_path_factory):
-    return build_spiece(tmp_path_factory.mktemp("spiece") / "spiece.model")
-
-
-@pytest.fixture(scope="session")
-def tok(spiece_path):
-    return Tokenizer(spiece_path)
 
 
 @pytest.fixture(scope="session")
