@@ -253,8 +253,11 @@ def forward_flops(config: dict, batch: int, length: int, attention: str = "exact
         per_head = 2 * n * n * d * 2  # q k^T and p v
     else:
         m = num_landmarks or config["num_landmarks"]
+        # Segment means of q and k: a reshape and mean (N D adds each) when M divides N,
+        # else an (M, N) @ (N, D) product each, as attention.segment_means computes them.
+        means = 2 * n * d if n % m == 0 else 2 * 2 * m * n * d
         per_head = (
-            2 * 2 * m * n * d  # segment means of q and k
+            means
             + 2 * n * m * d + 2 * m * m * d + 2 * m * n * d  # the three kernels' scores
             + iterations * 4 * 2 * m**3  # pseudo-inverse: four M x M products per step
             + 2 * n * m * m + 2 * m * n * d + 2 * n * m * d  # (F Z) (Bk V)

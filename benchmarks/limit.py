@@ -42,19 +42,18 @@ TINY_CASES = "1x16"
 PEAK_SIZE = 2048
 
 
-def products(config: dict, batch: int, length: int, block: int | None = None):
+def products(config: dict, batch: int, length: int):
     """A zero-argument callable running the forward's matrix products only, in order.
 
     The same shapes, layouts and batching as ``nystrom_np.model.forward`` in exact mode:
     the fused q/k/v product, the two batched attention products, the conv skip's banded
     (Toeplitz) product, the output, feed-forward and head products.
     """
-    if block is None:  # the conv skip's own block length
-        block = inspect.signature(depthwise_conv).parameters["block"].default
+    block = inspect.signature(depthwise_conv).parameters["block"].default  # the conv skip's
     rng = np.random.default_rng(0)
     b, n = batch, length
     c, i, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    h, k = config["num_attention_heads"], config["conv_kernel_size"]
+    h, k = config["num_attention_heads"], config.get("conv_kernel_size") or 0
     d = c // h
     f32 = np.float32
 

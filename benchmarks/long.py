@@ -46,7 +46,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     n = args.length or (32 if args.tiny else 4096)
     m = args.landmarks or (4 if args.tiny else 64)
-    # transformers' landmark path needs segment_means_seq_len = N (see REFERENCE.md section 3)
+    # transformers' landmark path needs segment_means_seq_len = N (it reshapes by that value)
     config = config_dict(args.tiny, max_position_embeddings=n, segment_means_seq_len=n,
                          num_landmarks=m)
     torch = has_torch()

@@ -15,6 +15,8 @@ function that takes the parsed arguments and returns an exit status.
 import argparse
 import sys
 
+from .checkpoint import REPO_ID
+
 
 def run_convert(args) -> int:
     from .checkpoint import convert
@@ -103,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         "convert",
         help="write a checkpoint as model.safetensors + config.json, verified",
         description="Convert a checkpoint (a folder with pytorch_model.bin or "
-        "model.safetensors, a weights file, or a hub id in the local cache) to "
+        "model.safetensors, a weights file, or a hub id: the local cache, else a download) to "
         "DST/model.safetensors + config.json, then read it back and check it bit for bit.",
     )
     convert.add_argument("src", help="folder, weights file or hub id (org/name)")
@@ -121,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fill.add_argument("texts", nargs="+", metavar="TEXT", help="text with one or more [MASK]")
     fill.add_argument(
-        "--checkpoint", default="uw-madison/nystromformer-512",
-        help="folder, weights file or hub id (default: %(default)s, from the local cache)",
+        "--checkpoint", default=REPO_ID,
+        help="checkpoint folder or hub id (default: %(default)s: the local cache, else a "
+        "download when huggingface_hub and a network are there)",
     )
     fill.add_argument("--revision", help="hub ids: branch, tag, refs/pr/N or commit")
     fill.add_argument("--tokenizer", help="spiece.model to use (default: the checkpoint's)")

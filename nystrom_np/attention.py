@@ -143,7 +143,7 @@ def exact_pinv(a, rtol=None):
     """Moore-Penrose pseudo-inverse from the SVD: V diag(1/s) U^T over the kept s.
 
     Singular values below ``rtol * s_max`` count as zero (default: M times the machine
-    epsilon of the dtype, NumPy's choice).
+    epsilon of the dtype, NumPy's ``pinv(rtol=None)``).
 
     Parameters
     ----------

@@ -62,11 +62,6 @@ def _check_cuda_libraries(cupy):
         ) from None
 
 
-def device_of(x) -> str:
-    """``"gpu"`` for a CuPy array, ``"cpu"`` otherwise."""
-    return "gpu" if get_xp(x) is not np else "cpu"
-
-
 def to_device(tree, device: str):
     """Copy every array of a nested dict/list/tuple to ``device`` ("cpu" or "gpu")."""
     if device not in DEVICES:

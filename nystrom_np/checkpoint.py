@@ -1,6 +1,6 @@
 """Finding, reading and validating checkpoints: safetensors, torch zip pickles, the hub cache.
 
-Files (REFERENCE.md section 1):
+Files (as on the hub and as transformers writes them):
 
 - ``model.safetensors``: an 8-byte little-endian header length, a JSON header (name ->
   dtype, shape, byte range), then raw bytes. Read with the ``safetensors`` library.
@@ -40,6 +40,7 @@ import numpy as np
 
 from .config import Config
 
+REPO_ID = "uw-madison/nystromformer-512"  # the released checkpoint, the default everywhere
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # in order of preference
 _TIED = {  # a key save_pretrained leaves out -> the key it is tied to (without prefix)
     "cls.predictions.decoder.weight": "embeddings.word_embeddings.weight",

@@ -3,7 +3,7 @@
 One frozen dataclass serves both model families the package runs:
 
 - ``nystromformer``: the defaults are transformers' ``NystromformerConfig`` defaults, which
-  are also the values of ``uw-madison/nystromformer-512`` (REFERENCE.md section 1);
+  are also the values of ``uw-madison/nystromformer-512`` (its hub ``config.json``);
 - ``bert``: a plain BERT encoder (transformers' ``BertConfig`` defaults where a field is
   missing). A BERT is a Nystromformer without the conv skip, with positions from 0 and
   the exact erf GELU, so the same ``forward`` runs it.
@@ -13,49 +13,23 @@ import dataclasses
 import json
 from pathlib import Path
 
-# Defaults per family for fields a config.json may leave out.
-_DEFAULTS = {
-    "nystromformer": dict(
-        vocab_size=30000,
-        hidden_size=768,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        intermediate_size=3072,
-        hidden_act="gelu_new",
-        max_position_embeddings=510,
-        type_vocab_size=2,
-        layer_norm_eps=1e-5,
-        num_landmarks=64,
-        segment_means_seq_len=64,
-        conv_kernel_size=65,
-        inv_coeff_init_option=False,
-        initializer_range=0.02,
-        pad_token_id=1,
-        bos_token_id=0,
-        eos_token_id=2,
-    ),
+from .layers import ACTIVATIONS
+
+# Where a family's defaults differ from the dataclass's (which are the Nystromformer's):
+# transformers' BertConfig defaults, for fields a BERT config.json leaves out.
+_FAMILY_DEFAULTS = {
+    "nystromformer": {},
     "bert": dict(
         vocab_size=30522,
-        hidden_size=768,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        intermediate_size=3072,
         hidden_act="gelu",
         max_position_embeddings=512,
-        type_vocab_size=2,
         layer_norm_eps=1e-12,
-        num_landmarks=64,
-        segment_means_seq_len=64,
         conv_kernel_size=None,
-        inv_coeff_init_option=False,
-        initializer_range=0.02,
         pad_token_id=0,
         bos_token_id=None,
         eos_token_id=None,
     ),
 }
-
-ACTIVATIONS = ("gelu_new", "gelu", "relu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,10 +56,10 @@ class Config:
     eos_token_id: int | None = 2
 
     def __post_init__(self):
-        if self.model_type not in _DEFAULTS:
+        if self.model_type not in _FAMILY_DEFAULTS:
             raise ValueError(
                 f"model_type {self.model_type!r} is not supported; "
-                f"use one of {sorted(_DEFAULTS)}."
+                f"use one of {sorted(_FAMILY_DEFAULTS)}."
             )
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
@@ -94,7 +68,8 @@ class Config:
             )
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(
-                f"hidden_act {self.hidden_act!r} is not supported; use one of {ACTIVATIONS}."
+                f"hidden_act {self.hidden_act!r} is not supported; "
+                f"use one of {tuple(ACTIVATIONS)}."
             )
         if self.model_type == "bert" and self.conv_kernel_size is not None:
             raise ValueError("a bert config has no conv skip: conv_kernel_size must be None.")
@@ -118,14 +93,14 @@ class Config:
     def from_dict(cls, values: dict) -> "Config":
         """Build from a config.json dict; unknown keys are ignored, missing ones defaulted."""
         model_type = values.get("model_type", "nystromformer")
-        if model_type not in _DEFAULTS:
+        if model_type not in _FAMILY_DEFAULTS:
             raise ValueError(
                 f"config.json has model_type {model_type!r}; nystrom_np runs "
-                f"{sorted(_DEFAULTS)} models."
+                f"{sorted(_FAMILY_DEFAULTS)} models."
             )
         fields = {f.name for f in dataclasses.fields(cls)}
         known = {k: v for k, v in values.items() if k in fields}
-        return cls(**{**_DEFAULTS[model_type], **known, "model_type": model_type})
+        return cls(**{**_FAMILY_DEFAULTS[model_type], **known, "model_type": model_type})
 
     @classmethod
     def from_json(cls, path) -> "Config":

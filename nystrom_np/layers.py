@@ -99,7 +99,7 @@ def depthwise_conv(v, w, block=16):
     ``(block, block + K - 1)`` with ``T[h, i, i + t] = w[h, t]`` maps every block's inputs
     to its outputs. Memory stays O(N * (block + K)), never N x N. The blocks are a strided
     view of the padded input (no copy), and short blocks waste few multiplications on the
-    band's zeros: 16 was fastest on our CPU (``benchmarks/``), against 32 and 64.
+    band's zeros: 16 was fastest in a one-off measurement on our CPU, against 32 and 64.
 
     Parameters
     ----------

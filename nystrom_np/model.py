@@ -3,8 +3,8 @@
 Shapes: B batch, N tokens, H heads, D head size, C = H*D hidden size, I intermediate size,
 V vocabulary, K conv taps, M landmarks, L layers.
 
-The forward pass follows transformers' ``NystromformerForMaskedLM`` in eval mode
-(REFERENCE.md section 2): positions start at 2, q and k each carry D^(-1/4), a depthwise
+The forward pass follows transformers' ``NystromformerForMaskedLM`` (4.57) in eval mode:
+positions start at 2, q and k each carry D^(-1/4), a depthwise
 conv of the (unmasked) values is added to the attention output in every mode, post-LN
 layers, a tied MLM decoder. A BERT config runs the same code without the conv skip, with
 positions from 0 and the exact erf GELU.
@@ -92,9 +92,7 @@ def encoder_layer(
     (B, N, C)
     """
     b, n, c = x.shape
-    heads = config.num_attention_heads
-    qkv_heads = linear(x, **qkv).reshape(b, n, 3, heads, c // heads)  # (B, N, 3C) -> (B,N,3,H,D)
-    q, k, v = qkv_heads.transpose(2, 0, 3, 1, 4)  # (B, N, 3, H, D) -> 3 x (B, H, N, D)
+    q, k, v = split_qkv(x, qkv, config.num_attention_heads)  # 3 x (B, H, N, D)
 
     context = attend(q, k, v, mask, **attention)  # (B, H, N, D)
     if conv is not None:
@@ -110,6 +108,13 @@ def encoder_layer(
     fed = linear(act(linear(a, **intermediate)), **output)
     fed += a
     return layer_norm(fed, **output_ln, eps=eps)
+
+
+def split_qkv(x, qkv, heads):
+    """q, k and v of every head from one fused product: (B, N, C) -> 3 x (B, H, N, D)."""
+    b, n, c = x.shape
+    fused = linear(x, **qkv).reshape(b, n, 3, heads, c // heads)  # (B, N, 3C) -> (B,N,3,H,D)
+    return fused.transpose(2, 0, 3, 1, 4)  # (B, N, 3, H, D) -> (3, B, H, N, D)
 
 
 def attend(q, k, v, mask, mode, num_landmarks, pinv, iterations, init, mask_landmarks):
@@ -446,12 +451,13 @@ def from_state_dict(state: dict, config: Config, dtype=np.float32) -> Model:
             f"({len(problems)} problem(s)):\n  " + "\n  ".join(problems)
         )
 
-    def get(name):
-        return np.array(state[name], dtype=dtype)  # a copy: the source can be freed
+    def get(name, transpose=False):
+        """A C-contiguous copy in ``dtype`` (the source can be freed), in one pass."""
+        array = state[name].T if transpose else state[name]
+        return np.array(array, dtype=dtype, order="C")
 
     def dense(name):
-        w = get(name + ".weight").T.copy()  # (out, in) -> (in, out), contiguous
-        return {"w": w, "b": get(name + ".bias")}
+        return {"w": get(name + ".weight", transpose=True), "b": get(name + ".bias")}  # (in, out)
 
     def norm(name):
         return {"g": get(name + ".weight"), "b": get(name + ".bias")}

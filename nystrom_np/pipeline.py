@@ -14,7 +14,7 @@ Two choices of ours:
 - The MLM head runs at the masked positions only: its V-wide projection would otherwise be
   about a fifth of the whole forward pass.
 - Texts are never padded: the depthwise conv skip reads padded values into real tokens
-  (REFERENCE.md section 2), so a padded batch would not give the pipeline's numbers. Texts
+  (``layers.depthwise_conv``), so a padded batch would not give the pipeline's numbers. Texts
   of equal length share a batch; others run apart, as the pipeline runs each text.
 
 One departure: a list of texts always gives a list (one entry per text). transformers
@@ -29,9 +29,9 @@ import numpy as np
 
 from .attention import softmax
 from .backend import to_numpy
+from .checkpoint import REPO_ID
 from .model import encode, mlm_head
 
-DEFAULT_CHECKPOINT = "uw-madison/nystromformer-512"
 # Forms people write for a mask that this tokenizer reads as plain text.
 _MASK_LOOKALIKE = re.compile(r"\[mask\]|<mask>", re.IGNORECASE)
 
@@ -41,7 +41,7 @@ def default_model():
     """The real checkpoint, loaded once (``nystrom_np.checkpoint.load``)."""
     from .checkpoint import load
 
-    return load(DEFAULT_CHECKPOINT)
+    return load(REPO_ID)
 
 
 @functools.lru_cache(maxsize=1)
@@ -49,7 +49,7 @@ def default_tokenizer():
     """The real checkpoint's tokenizer, loaded once (its ``spiece.model``)."""
     from .tokenizer import load_tokenizer
 
-    return load_tokenizer(DEFAULT_CHECKPOINT)
+    return load_tokenizer(REPO_ID)
 
 
 def fill_mask(
@@ -69,7 +69,8 @@ def fill_mask(
     text_or_texts : a str, or a list of str; each holds at least one ``[MASK]``
     top_k : predictions per mask, 1 to V
     model : a ``Model`` with an MLM head, on any device (default: the real checkpoint,
-        ``uw-madison/nystromformer-512``, from a local folder or the Hugging Face cache)
+        ``uw-madison/nystromformer-512``, from the Hugging Face cache, else downloaded when
+        huggingface_hub and a network are there)
     tokenizer : a ``Tokenizer`` (default: the same checkpoint's ``spiece.model``)
     attention, num_landmarks : as for ``nystrom_np.model.encode``
     batch_size : texts of equal length run together, at most this many at a time

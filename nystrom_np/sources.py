@@ -19,8 +19,8 @@ simply not there (3, 4) is the normal offline case and gives the random fallback
 
 Synthetic attention inputs. ``smooth_qk`` makes q and k that vary smoothly along the
 sequence, so that their softmax attention matrix has the low-rank structure that the
-Nystrom method exploits (REFERENCE.md section 4: independent Gaussian q and k make the
-landmark matrix ill-conditioned, a poor stand-in for real activations).
+Nystrom method exploits (independent Gaussian q and k make the landmark matrix
+ill-conditioned, a poor stand-in for real activations: see the pseudo-inverse chapter).
 """
 
 import contextlib
@@ -30,10 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
+from . import checkpoint
 from .config import Config
 from .model import Model, random_model
 
-REPO_ID = "uw-madison/nystromformer-512"
+REPO_ID = checkpoint.REPO_ID
 ENV_VAR = "NYSTROM_NP_CHECKPOINT"
 RANDOM_SEED = 0
 
@@ -73,24 +74,12 @@ def resolve_weights(
     FileNotFoundError, ValueError
         when ``path`` or ``NYSTROM_NP_CHECKPOINT`` names weights that cannot be loaded, or
         when the checkpoint is found (in the cache, or downloaded) but fails its checks
-    RuntimeError
-        when a path is named but ``nystrom_np.checkpoint`` cannot be imported
     """
     named = path if path is not None else os.environ.get(ENV_VAR, "").strip() or None
-    try:
-        from . import checkpoint
-    except ImportError as e:  # the loader is an optional part of the package
-        if named is not None:
-            raise RuntimeError(
-                f"cannot load {named!r}: nystrom_np.checkpoint is unavailable ({e})."
-            ) from e
-        return _fallback(f"the checkpoint loader is unavailable ({e})", fallback_config, dtype,
-                         device)
-
     if named is not None:
         origin = "the path given" if path is not None else f"${ENV_VAR}"
         try:
-            return _load(checkpoint, named, dtype, device)
+            return _load(named, dtype, device)
         except (OSError, ValueError) as e:
             kind = FileNotFoundError if isinstance(e, OSError) else ValueError
             raise kind(f"{origin} = {str(named)!r} cannot be loaded: {e}") from e
@@ -98,7 +87,7 @@ def resolve_weights(
     online = download and checkpoint.hub_reachable()
     try:
         with _hub_offline(not online):
-            return _load(checkpoint, REPO_ID, dtype, device)
+            return _load(REPO_ID, dtype, device)
     except FileNotFoundError as e:  # not there: the normal offline case
         if online:
             why = f"it is not in the Hugging Face cache and the download failed ({_first_line(e)})"
@@ -111,10 +100,10 @@ def resolve_weights(
         raise ValueError(f"{REPO_ID} was found but cannot be loaded: {e}") from e
 
 
-def _load(checkpoint, source, dtype, device) -> Weights:
-    """Load ``source`` with the checkpoint module; find its tokenizer file too."""
-    _, weights_file = checkpoint.find_checkpoint(source)
-    model = checkpoint.load(source, dtype=dtype, device=device)
+def _load(source, dtype, device) -> Weights:
+    """Load ``source`` (found once) with the checkpoint module; find its tokenizer file too."""
+    config_path, weights_file = checkpoint.find_checkpoint(source)
+    model = checkpoint.load(weights_file, config=config_path, dtype=dtype, device=device)
     spiece = weights_file.parent / "spiece.model"
     if not spiece.is_file():
         spiece = _fetch_spiece() if str(source) == REPO_ID else None

@@ -51,6 +51,7 @@ from .config import Config
 from .model import encode, mlm_head
 from .pretrained import MINILM_REVISION, attention_inputs, minilm, minilm_tokenizer
 from .sources import ENV_VAR, REPO_ID, Weights, resolve_weights
+from .timing import progress_bar
 
 METHODS = ("nystrom", "linformer", "pooled_linformer", "performer", "window", "svd")
 LOW_RANK = ("nystrom", "linformer", "pooled_linformer", "performer", "svd")  # rank <= M
@@ -64,7 +65,7 @@ LABELS = {
     "svd": "truncated SVD, rank M",
 }
 
-# Published figures to set ours against (REFERENCE.md section 4): Zeng et al. 2022 (MRA),
+# Published figures to set ours against : Zeng et al. 2022 (MRA),
 # the authors' released measurements on their pretrained 12-layer RoBERTa-style model
 # (C = 768, 12 heads of D = 64), two sequences of n = 512 tokens: the relative output error
 # of each head (see the module docstring), averaged over sequences, layers and heads;
@@ -266,7 +267,7 @@ def sweep_budget(qkv, budgets, methods=METHODS, *, layers=None, heads=None, matr
     selected = _select(qkv, layers, heads)
     per_layer = [
         errors(q, k, v, budgets, methods, matrices=matrices, seed=seed, options=options)
-        for q, k, v in _progress(selected, progress, "layers")
+        for q, k, v in progress_bar(selected, progress, "layers")
     ]
     return _stack(per_layer, axis=1, entropy_axis=0)
 
@@ -286,7 +287,7 @@ def sweep_temperature(qkv, scales, budgets=(64,), methods=("nystrom", "window"),
     dict as ``sweep_budget`` with a scale axis first: (T, S, L, B, H); entropy (T, L, B, H)
     """
     per_scale = []
-    for t in _progress(scales, progress, "logit scales"):
+    for t in progress_bar(scales, progress, "logit scales"):
         scaled = [(q * t, k, v) for q, k, v in qkv]
         per_scale.append(sweep_budget(scaled, budgets, methods, layers=layers, heads=heads,
                                       matrices=matrices, seed=seed, options=options))
@@ -317,7 +318,7 @@ def sweep_pinv(qkv, budget=64, settings=None, *, layers=None, heads=None, matric
     """
     settings = pinv_settings() if settings is None else list(settings)
     per_layer = []
-    for q, k, v in _progress(_select(qkv, layers, heads), progress, "layers"):
+    for q, k, v in progress_bar(_select(qkv, layers, heads), progress, "layers"):
         exact = exact_reference(q, k, v, "values" if matrices else None)
         rows = [errors(q, k, v, [budget], ("nystrom",), matrices=matrices, exact=exact,
                        options={"nystrom": s}) for s in settings]
@@ -345,7 +346,7 @@ def sweep_length(model, text, lengths, budgets=(64,), methods=("nystrom",), *, s
     dict as ``sweep_budget`` with a length axis first: (len(lengths), S, L, B, H)
     """
     per_length = []
-    for n in _progress(lengths, progress, "lengths"):
+    for n in progress_bar(lengths, progress, "lengths"):
         qkv = attention_inputs(model, passages(text, n, samples, tokenizer))
         per_length.append(sweep_budget(qkv, budgets, methods, layers=layers, heads=heads,
                                        matrices=matrices, seed=seed, options=options))
@@ -391,7 +392,7 @@ def swap(model, ids, budgets, *, positions=None, progress=False, **options):
         log_p = [_log_softmax(mlm_head(model, exact[-1][b, positions[b]]))
                  for b in range(ids.shape[0])]  # B arrays (P_b, V)
     result = {"hidden": [], "cosine": [], "top1": [], "kl": []}
-    for m in _progress(budgets, progress, "landmarks"):
+    for m in progress_bar(budgets, progress, "landmarks"):
         hidden = encode(model, ids, attention="nystrom", num_landmarks=int(m), **options)
         result["hidden"].append(np.stack([
             to_numpy(ap.relative_error(h[:, None], e[:, None]))[:, 0]  # (B, 1, N, C) -> (B,)
@@ -594,14 +595,3 @@ def _log_softmax(x):
     xp = get_xp(x)
     shifted = x - x.max(axis=-1, keepdims=True)
     return shifted - xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
-
-
-def _progress(iterable, enabled, desc):
-    """``iterable`` wrapped in a tqdm progress bar when asked (and tqdm is installed)."""
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, desc=desc, leave=False)

@@ -57,10 +57,10 @@ from .approximations import (
     window_attention,
 )
 from .attention import nystrom_attention, softmax_attention
-from .backend import get_xp
+from .backend import get_xp, to_device
 
 # Paper Table 1: memory (MB) and time (ms) of the attention module for one input instance
-# at n = 512 ... 8192, on a GTX 1080Ti (REFERENCE.md section 4).
+# at n = 512 ... 8192, on a GTX 1080Ti (Xiong et al. 2021).
 PAPER_TABLE1 = {
     "Transformer": {512: (54, 0.8), 1024: (186, 2.4), 2048: (685, 10.0), 4096: (2620, 32.9),
                     8192: (10233, 155.4)},
@@ -353,10 +353,7 @@ def attention_inputs(n, batch=1, heads=12, head_size=64, dtype=np.float32, seed=
     """
     rng = np.random.default_rng(seed)
     qkv = rng.standard_normal((3, batch, heads, n, head_size), dtype=np.float32).astype(dtype)
-    if device == "gpu":
-        import cupy
-
-        qkv = cupy.asarray(qkv)
+    qkv = to_device(qkv, device)
     return qkv[0], qkv[1], qkv[2]
 
 
@@ -404,7 +401,7 @@ def attention_sweep(
     """
     methods = attention_methods() if methods is None else methods
     rows = []
-    bar = _progress(lengths, progress, f"attention ({device})")
+    bar = progress_bar(lengths, progress, f"attention ({device})")
     with blas_threads(threads if device == "cpu" else None):
         for n in bar:
             q, k, v = attention_inputs(n, batch, heads, head_size, dtype, device=device)
@@ -422,7 +419,8 @@ def _bind(fn, *args, **kwargs):
     return lambda: fn(*args, **kwargs)
 
 
-def _progress(items, show, description):
+def progress_bar(items, show, description):
+    """``items`` wrapped in a tqdm progress bar when asked (and tqdm is installed)."""
     if not show:
         return items
     try:
@@ -480,7 +478,7 @@ def model_sweep(
     rng = np.random.default_rng(seed)
     rows = []
     with blas_threads(threads if device == "cpu" else None):
-        for n in _progress(lengths, progress, f"model ({device})"):
+        for n in progress_bar(lengths, progress, f"model ({device})"):
             ids = xp.asarray(rng.integers(5, config.vocab_size, (batch, n)))
             calls = {
                 "exact": _bind(encode, model, ids, attention="exact"),

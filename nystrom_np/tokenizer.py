@@ -3,9 +3,9 @@
 Shapes: B batch, N tokens (``[CLS]`` and ``[SEP]`` included).
 
 References: ALBERT (Lan et al., ICLR 2020) and its SentencePiece vocabulary, which
-``uw-madison/nystromformer-512`` reuses (REFERENCE.md section 1). We match transformers'
-slow ``AlbertTokenizer`` (4.57) on purpose, rule by rule; every rule below was found by
-experiment against it and is held by ``tests/test_tokenizer.py``. The unigram model itself
+``uw-madison/nystromformer-512`` reuses (its config names ``AlbertTokenizer``). We match
+transformers' slow ``AlbertTokenizer`` (4.57) on purpose, rule by rule; every rule below was
+found by experiment against it and is held by ``tests/test_tokenizer.py``. The unigram model itself
 (pieces, scores, Viterbi segmentation, NFKC normalisation) is the ``sentencepiece``
 library's; everything around it is written here.
 
@@ -38,6 +38,8 @@ import unicodedata
 from pathlib import Path
 
 import numpy as np
+
+from .checkpoint import REPO_ID
 
 SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
 MODEL_FILE = "spiece.model"
@@ -319,7 +321,7 @@ def _read_directory(directory: Path):
     return options, max_length
 
 
-def load_tokenizer(source="uw-madison/nystromformer-512", *, revision=None) -> Tokenizer:
+def load_tokenizer(source=REPO_ID, *, revision=None) -> Tokenizer:
     """The tokenizer of a checkpoint: a ``spiece.model`` file, a directory, or a hub id.
 
     A hub id is resolved as ``nystrom_np.checkpoint.find_checkpoint`` resolves it (a local
@@ -330,11 +332,11 @@ def load_tokenizer(source="uw-madison/nystromformer-512", *, revision=None) -> T
     path = Path(source).expanduser()
     if path.exists():
         return Tokenizer(path)
-    from .checkpoint import _offline, find_checkpoint, hub_cache_dir
+    from .checkpoint import find_checkpoint, hub_cache_dir, hub_reachable
 
     _, weights = find_checkpoint(source, revision=revision)
     directory = weights.parent
-    if not (directory / MODEL_FILE).is_file() and not _offline():
+    if not (directory / MODEL_FILE).is_file() and hub_reachable():
         try:
             import huggingface_hub
 

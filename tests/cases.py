@@ -8,6 +8,7 @@ uniform, so a wrong mask, scale or landmark would show.
 import numpy as np
 
 from nystrom_np import Config, random_model
+from nystrom_np.backend import map_arrays
 
 SMALL = dict(
     vocab_size=50,
@@ -54,3 +55,10 @@ def build(name, seed=0):
             mask[row, n - 3 * row :] = 0
     token_types = rng.integers(0, config.type_vocab_size, (b, n)) if types else None
     return model, ids, mask, token_types
+
+
+def leaves(tree):
+    """The arrays of a nested dict/list of weights, in a fixed order."""
+    found = []
+    map_arrays(found.append, tree)
+    return found

@@ -13,7 +13,6 @@ from nystrom_np import (
     softmax,
     softmax_attention,
 )
-from nystrom_np.layers import depthwise_conv
 
 
 def qkv(b, h, n, d, seed=0, dtype=np.float64, scale=1.0):
@@ -185,21 +184,3 @@ def test_nystrom_rejects_unknown_pinv():
     q, k, v = qkv(1, 1, 12, 4)
     with pytest.raises(ValueError, match="pinv"):
         nystrom_attention(q, k, v, num_landmarks=4, pinv="svd")
-
-
-def conv_reference(v, w):
-    """out[b, h, n] = sum_t w[h, t] v[b, h, n + t - K // 2], with K shifted adds."""
-    k = w.shape[1]
-    n = v.shape[2]
-    padded = np.pad(v, ((0, 0), (0, 0), (k // 2, k // 2), (0, 0)))
-    return sum(w[None, :, t, None, None] * padded[:, :, t : t + n] for t in range(k))
-
-
-@pytest.mark.parametrize("n, k, block", [(1, 3, 64), (7, 5, 4), (64, 65, 64), (130, 65, 64),
-                                         (33, 9, 8), (5, 65, 16)])
-def test_depthwise_conv_matches_shifted_adds(n, k, block):
-    rng = np.random.default_rng(n + k)
-    v = rng.standard_normal((2, 3, n, 4))
-    w = rng.standard_normal((3, k))
-    np.testing.assert_allclose(depthwise_conv(v, w, block=block), conv_reference(v, w),
-                               atol=1e-12)

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cases import leaves
 
 from nystrom_np import Config, random_model
-from nystrom_np.backend import get_xp, map_arrays, to_device, to_numpy
+from nystrom_np.backend import get_xp, to_device, to_numpy
 
 PACKAGE = Path(__file__).parents[1] / "nystrom_np"
 # numpy names that take a dtype or a Python scalar, never an array: fine on any backend.
@@ -98,14 +99,8 @@ def test_cpu_round_trip_and_get_xp():
     same = model.to("cpu")
     assert same.config == model.config
     assert all(np.array_equal(a, b) for a, b in zip(
-        *(leaves_of(m.params) for m in (model, same)), strict=True))
+        *(leaves(m.params) for m in (model, same)), strict=True))
     assert isinstance(to_numpy(np.ones(3)), np.ndarray)
-
-
-def leaves_of(tree):
-    leaves = []
-    map_arrays(lambda a: leaves.append(a), tree)
-    return leaves
 
 
 def test_unknown_device_is_refused():

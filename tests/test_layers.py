@@ -2,18 +2,17 @@
 
 The layers run in place on scratch arrays and fold batches into single products, for
 speed (see README, Speed); these tests hold each fast form to the formula it implements,
-and check that no function writes into its inputs or into the model's weights. (The conv
-skip's banded product is checked against its shifted sums in test_attention.py.)
+and check that no function writes into its inputs or into the model's weights.
 """
 
 import math
 
 import numpy as np
 import pytest
+from cases import leaves
 
 from nystrom_np import Config, forward, random_model
 from nystrom_np.attention import nystrom_attention, softmax, softmax_attention
-from nystrom_np.backend import map_arrays
 from nystrom_np.layers import depthwise_conv, gelu, gelu_new, layer_norm, linear
 
 
@@ -87,14 +86,26 @@ def test_forward_does_not_write_into_the_model(rng):
                                    num_attention_heads=2, intermediate_size=24,
                                    max_position_embeddings=20, conv_kernel_size=3))
     model = random_model(config, seed=3)
-    before = [a.copy() for a in _leaves(model.params)]
+    before = [a.copy() for a in leaves(model.params)]
     forward(model, rng.integers(0, 50, (2, 9)), attention="nystrom", num_landmarks=3)
     forward(model, rng.integers(0, 50, (2, 9)))
-    for a, b in zip(_leaves(model.params), before, strict=True):
+    for a, b in zip(leaves(model.params), before, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
-def _leaves(tree):
-    leaves = []
-    map_arrays(leaves.append, tree)
-    return leaves
+def conv_reference(v, w):
+    """out[b, h, n] = sum_t w[h, t] v[b, h, n + t - K // 2], with K shifted adds."""
+    k = w.shape[1]
+    n = v.shape[2]
+    padded = np.pad(v, ((0, 0), (0, 0), (k // 2, k // 2), (0, 0)))
+    return sum(w[None, :, t, None, None] * padded[:, :, t : t + n] for t in range(k))
+
+
+@pytest.mark.parametrize("n, k, block", [(1, 3, 64), (7, 5, 4), (64, 65, 64), (130, 65, 64),
+                                         (33, 9, 8), (5, 65, 16)])
+def test_depthwise_conv_matches_shifted_adds(n, k, block):
+    rng = np.random.default_rng(n + k)
+    v = rng.standard_normal((2, 3, n, 4))
+    w = rng.standard_normal((3, k))
+    np.testing.assert_allclose(depthwise_conv(v, w, block=block), conv_reference(v, w),
+                               atol=1e-12)
