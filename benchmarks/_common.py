@@ -33,6 +33,7 @@ line of JSON with every figure (``json.loads`` of the last line).
 import argparse
 import gc
 import importlib.util
+import inspect
 import json
 import os
 import subprocess
@@ -42,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nystrom_np.layers import depthwise_conv
 from nystrom_np.timing import compare, machine_info, usable_cpus
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -271,6 +273,78 @@ def forward_flops(config: dict, batch: int, length: int, attention: str = "exact
         "feed_forward": layers * 2 * 2 * rows * c * i,
         "head": 2 * head_rows * c * c + 2 * head_rows * c * v,
     }
+
+
+def products(config: dict, batch: int, length: int, attention: str = "exact",
+             num_landmarks: int | None = None, iterations: int = 6,
+             head_rows: int | None = None):
+    """A zero-argument callable running a forward's matrix products only, in order.
+
+    The same shapes, layouts and batching as ``nystrom_np.model.forward`` (the products
+    ``forward_flops`` counts) on random float32 arrays, back to back with nothing in
+    between: the fused q/k/v product, the attention products of ``attention`` (exact: q k^T
+    and p v; nystrom: the three kernels' scores, four M x M products per pseudo-inverse
+    step, (F Z) (Bk V), and the segment means' (M, N) products when M does not divide N),
+    the conv skip's banded (Toeplitz) product, the output, feed-forward and head products
+    (the head on ``head_rows`` rows, default all B * N, as ``forward_flops``). Its time is
+    what the forward would take if element-wise work cost nothing.
+    """
+    block = inspect.signature(depthwise_conv).parameters["block"].default  # the conv skip's
+    rng = np.random.default_rng(0)
+    b, n = batch, length
+    c, i, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    h, k = config["num_attention_heads"], config.get("conv_kernel_size") or 0
+    d, m = c // h, num_landmarks or config["num_landmarks"]
+    f32 = np.float32
+
+    def rand(*shape):
+        return rng.standard_normal(shape, dtype=f32)
+
+    x, mid, word = rand(b * n, c), rand(b * n, i), rand(v, c)
+    # Weights of their own for every layer, as the model has: a short input is limited
+    # by reading them from memory, which one shared set (held in cache) would hide.
+    layers = [dict(qkv=rand(c, 3 * c), out=rand(c, c), up=rand(c, i), down=rand(i, c))
+              for _ in range(config["num_hidden_layers"])]
+    q, kk, vv = rand(b, n, 3, h, d).transpose(2, 0, 3, 1, 4)  # as the fused product gives
+    n_blocks = -(-n // block)
+    toeplitz, blocks = rand(h, 1, block, block + k - 1), rand(b, h, n_blocks, block + k - 1, d)
+    if attention == "exact":
+        scores = rand(b, h, n, n)
+
+        def attend():
+            q @ kk.swapaxes(-1, -2)  # (B, H, N, D) @ (B, H, D, N)
+            scores @ vv  # (B, H, N, N) @ (B, H, N, D)
+    else:
+        q, kk = q.copy(), kk.copy()  # scale_qk's scaled copies are contiguous
+        land, kernel, bk = rand(b, h, m, d), rand(b, h, m, m), rand(b, h, m, n)
+        f, segment_weights = rand(b, h, n, m), rand(b, 1, m, n)
+
+        def attend():
+            if n % m:  # uneven segments: the means are (M, N) products
+                segment_weights @ q  # (B, 1, M, N) @ (B, H, N, D)
+                segment_weights @ kk
+            land @ kk.swapaxes(-1, -2)  # Bk's scores, (B, H, M, D) @ (B, H, D, N)
+            bv = bk @ vv  # (B, H, M, N) @ (B, H, N, D)
+            land @ land.swapaxes(-1, -2)  # A's scores, (B, H, M, D) @ (B, H, D, M)
+            for _ in range(iterations):  # the pseudo-inverse: four M x M products a step
+                for _ in range(4):
+                    kernel @ kernel
+            q @ land.swapaxes(-1, -2)  # F's scores, (B, H, N, D) @ (B, H, D, M)
+            (f @ kernel) @ bv  # (B, H, N, M) @ (B, H, M, M) @ (B, H, M, D)
+
+    def run():
+        for w in layers:
+            x @ w["qkv"]  # (B*N, C) @ (C, 3C)
+            attend()
+            if k:
+                toeplitz @ blocks  # (H, 1, blk, blk+K-1) @ (B, H, nb, blk+K-1, D)
+            x @ w["out"]  # (B*N, C) @ (C, C)
+            x @ w["up"]  # (B*N, C) @ (C, I)
+            mid @ w["down"]  # (B*N, I) @ (I, C)
+        x[:head_rows] @ layers[0]["out"]  # the head's transform, (rows, C) @ (C, C)
+        x[:head_rows] @ word.T  # the decoder, (rows, C) @ (C, V)
+
+    return run
 
 
 # --------------------------------------------------------------- memory, in a fresh process

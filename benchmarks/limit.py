@@ -10,14 +10,18 @@ side by side in one run (alternating, warm-up first, median of ``--repeats`` rou
   the **limit** is the forward's nominal FLOP count (``_common.forward_flops``) at that
   rate, and ``limit / forward`` the share of the limit the forward reaches;
 - ``products``: the forward's own matrix products alone, same shapes and same batching,
-  back to back with nothing in between; ``products / forward`` is the share of the
-  forward's time spent in matrix products (the rest is element-wise work and overhead).
+  back to back with nothing in between (``_common.products``); ``products / forward`` is
+  the share of the forward's time spent in matrix products (the rest is element-wise work
+  and overhead);
+- ``torch`` (when torch and transformers are installed): transformers' forward on the same
+  weights, with its share of the same limit. It shows what a time target relative to
+  torch asks of NumPy: ``0.8 torch`` is 0.8 x torch's time, and ``products / 0.8 torch``
+  above 1 means that NumPy's matrix products alone already take longer than that target,
+  so no element-wise work, however fast, could meet it.
 
 Usage: ``python benchmarks/limit.py [--threads 2] [--repeats 7] [--cases 1x510]``.
 Prints a table, then one JSON line.
 """
-
-import inspect
 
 import numpy as np
 from _common import (
@@ -25,63 +29,24 @@ from _common import (
     arguments,
     config_dict,
     forward_flops,
+    has_torch,
     header,
     input_ids,
     json_line,
     our_forward,
     our_model,
     parse_cases,
+    products,
     set_threads,
+    torch_forward,
+    torch_model,
 )
 
-from nystrom_np.layers import depthwise_conv
 from nystrom_np.timing import table
 
 CASES = "1x510"
 TINY_CASES = "1x16"
 PEAK_SIZE = 2048
-
-
-def products(config: dict, batch: int, length: int):
-    """A zero-argument callable running the forward's matrix products only, in order.
-
-    The same shapes, layouts and batching as ``nystrom_np.model.forward`` in exact mode:
-    the fused q/k/v product, the two batched attention products, the conv skip's banded
-    (Toeplitz) product, the output, feed-forward and head products.
-    """
-    block = inspect.signature(depthwise_conv).parameters["block"].default  # the conv skip's
-    rng = np.random.default_rng(0)
-    b, n = batch, length
-    c, i, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    h, k = config["num_attention_heads"], config.get("conv_kernel_size") or 0
-    d = c // h
-    f32 = np.float32
-
-    def rand(*shape):
-        return rng.standard_normal(shape, dtype=f32)
-
-    x, w_qkv = rand(b * n, c), rand(c, 3 * c)
-    w_out, w_in, w_back, word = rand(c, c), rand(c, i), rand(i, c), rand(v, c)
-    mid = rand(b * n, i)
-    q, kk, vv = rand(b, n, 3, h, d).transpose(2, 0, 3, 1, 4)  # as the fused product gives
-    scores = rand(b, h, n, n)
-    n_blocks = -(-n // block)
-    toeplitz, blocks = rand(h, 1, block, block + k - 1), rand(b, h, n_blocks, block + k - 1, d)
-
-    def run():
-        for _ in range(config["num_hidden_layers"]):
-            x @ w_qkv  # (B*N, C) @ (C, 3C)
-            q @ kk.swapaxes(-1, -2)  # (B, H, N, D) @ (B, H, D, N)
-            scores @ vv  # (B, H, N, N) @ (B, H, N, D)
-            if k:
-                toeplitz @ blocks  # (H, 1, blk, blk+K-1) @ (B, H, nb, blk+K-1, D)
-            x @ w_out  # (B*N, C) @ (C, C)
-            x @ w_in  # (B*N, C) @ (C, I)
-            mid @ w_back  # (B*N, I) @ (I, C)
-        x @ w_out  # the head's transform, (B*N, C) @ (C, C)
-        x @ word.T  # the decoder, (B*N, C) @ (C, V)
-
-    return run
 
 
 def main(argv=None) -> dict:
@@ -91,6 +56,9 @@ def main(argv=None) -> dict:
     config = config_dict(args.tiny)
     cases = parse_cases(args.cases or (TINY_CASES if args.tiny else CASES))
     model = our_model(config)
+    hf = torch_model(model) if has_torch() else None
+    if hf is None:
+        print("transformers is not installed: no torch column")
     set_threads(args.threads)
     peak_size = 256 if args.tiny else PEAK_SIZE
     a, b = (np.random.default_rng(1).standard_normal((peak_size,) * 2, dtype=np.float32)
@@ -98,11 +66,14 @@ def main(argv=None) -> dict:
 
     rows = []
     for batch, length in cases:
+        ids = input_ids(config, batch, length)
         candidates = {
-            "forward": our_forward(model, input_ids(config, batch, length), {}),
+            "forward": our_forward(model, ids, {}),
             "peak": lambda: a @ b,
             "products": products(config, batch, length),
         }
+        if hf is not None:
+            candidates["torch"] = torch_forward(hf, ids)
         times = alternate(candidates, args.repeats)
         flops = forward_flops(config, batch, length)
         row = {"batch": batch, "length": length, "flops": flops, "gflop": sum(flops.values()) /
@@ -113,14 +84,17 @@ def main(argv=None) -> dict:
         row["forward_gflops"] = row["gflop"] / (row["forward"]["median_ms"] / 1e3)
         row["share_of_limit"] = row["limit_ms"] / row["forward"]["median_ms"]
         row["products_share"] = row["products"]["median_ms"] / row["forward"]["median_ms"]
+        if hf is not None:
+            torch_ms = row["torch"]["median_ms"]
+            row["torch_share_of_limit"] = row["limit_ms"] / torch_ms
+            row["products_vs_target"] = row["products"]["median_ms"] / (0.8 * torch_ms)
         rows.append(row)
 
     info = header(f"Forward pass against the matmul limit, float32, "
                   f"{'TINY config' if args.tiny else 'the real config'}, exact attention, "
                   f"logits at every position; median of {args.repeats} alternating runs",
                   args.threads)
-    print(table([{**r, "forward_ms": r["forward"]["median_ms"],
-                  "products_ms": r["products"]["median_ms"]} for r in rows], [
+    columns = [
         ("B", "batch", "{}"),
         ("N", "length", "{}"),
         ("GFLOP", "gflop", "{:.1f}"),
@@ -131,9 +105,19 @@ def main(argv=None) -> dict:
         ("limit/forward", "share_of_limit", "{:.0%}"),
         ("products ms", "products_ms", "{:.0f}"),
         ("products/forward", "products_share", "{:.0%}"),
-    ]))
-    print(f"peak: the best rate of a {peak_size}^3 float32 product; limit = FLOP / peak rate; "
-          "products: the forward's matrix products alone")
+    ]
+    if hf is not None:
+        columns += [
+            ("torch ms", "torch_ms", "{:.0f}"),
+            ("limit/torch", "torch_share_of_limit", "{:.0%}"),
+            ("products/(0.8 torch)", "products_vs_target", "{:.2f}"),
+        ]
+    print(table([{**r, "forward_ms": r["forward"]["median_ms"],
+                  "products_ms": r["products"]["median_ms"],
+                  "torch_ms": r.get("torch", {}).get("median_ms")} for r in rows], columns))
+    print(f"peak: the rate of a {peak_size}^3 float32 product; limit = FLOP / peak rate; "
+          "products: the forward's matrix products alone; torch: transformers' forward on the "
+          "same weights")
     return json_line("limit", info, args, rows, peak_size=peak_size)
 
 

@@ -11,7 +11,11 @@ sequence of N = 4096 tokens, masked-LM logits at every position. Side by side in
 - ``transformers landmark``: transformers' own landmark path, which runs only when the
   config has ``segment_means_seq_len = N`` (here 4096) and ``num_landmarks = 64``;
 - with ``--torch-exact``, also transformers with exact attention (its config then has
-  ``num_landmarks = segment_means_seq_len``, the rule that selects exact attention).
+  ``num_landmarks = segment_means_seq_len``, the rule that selects exact attention);
+- ``nystrom products``: the matrix products of the ``nystrom`` forward alone, same shapes,
+  back to back (``_common.products``): its time if element-wise work cost nothing. Next
+  to transformers' landmark path it shows how much time the rest of our forward may take
+  for nystrom_np to be the faster one.
 
 The MLM head and the feed-forward layers cost the same in every mode, so the whole-model
 ratio is smaller than the attention-only one; the table gives the FLOP counts of both
@@ -31,6 +35,7 @@ from _common import (
     header,
     json_line,
     measure_memory,
+    products,
     set_threads,
 )
 
@@ -66,14 +71,15 @@ def main(argv=None) -> dict:
     calls = {}
     for name, spec in specs.items():
         calls[name], _ = build(spec)  # each call holds its model
+    calls["nystrom products"] = products(config, 1, n, "nystrom", m)
     set_threads(args.threads)
     times = alternate(calls, args.repeats)
     del calls
     rows = []
-    for name, spec in specs.items():
+    for name in times:
         row = {"name": name, **times[name]}
-        if not args.no_memory:
-            row["memory"] = measure_memory(spec)
+        if name in specs and not args.no_memory:
+            row["memory"] = measure_memory(specs[name])
             row["peak_mb"] = row["memory"]["peak_mb"]
         rows.append(row)
     nystrom_ms = rows[0]["median_ms"]
@@ -100,6 +106,13 @@ def main(argv=None) -> dict:
     print(f"FLOP of the whole model: nystrom {total['nystrom']:.0f} G, exact "
           f"{total['exact']:.0f} G (ratio {total['exact'] / total['nystrom']:.2f}); of "
           f"attention alone: {attention['nystrom']:.1f} G and {attention['exact']:.1f} G")
+    products_ms = times["nystrom products"]["median_ms"]
+    print(f"nystrom products: the nystrom forward's matrix products alone take {products_ms:.0f} "
+          f"ms; the rest of it (element-wise work) {nystrom_ms - products_ms:.0f} ms")
+    if "transformers landmark" in times:
+        room = times["transformers landmark"]["median_ms"] - products_ms
+        print(f"to be faster than transformers' landmark path, that rest would have to take "
+              f"under {room:.0f} ms")
     print("peak MB: the forward's peak resident memory above the loaded model, in a fresh "
           "process each")
     return json_line("long", info, args, rows, length=n, landmarks=m, flops=flops)

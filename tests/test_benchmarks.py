@@ -63,13 +63,18 @@ def test_limit_script(capsys):
     (row,) = result["results"]
     assert row["peak_gflops"] > 0 and row["limit_ms"] > 0
     assert 0 < row["share_of_limit"] and 0 < row["products_share"]
+    if load_script("_common").has_torch():  # transformers' forward, same run, same limit
+        assert row["torch"]["median_ms"] > 0
+        assert row["torch_share_of_limit"] > 0 and row["products_vs_target"] > 0
+    else:
+        assert "torch" not in row
 
 
 def test_long_script(capsys):
     result = load_script("long").main(["--tiny", "--repeats", "1", "--no-memory"])
     assert last_json_line(capsys)["benchmark"] == "long"
     names = [row["name"] for row in result["results"]]
-    assert names[:2] == ["nystrom", "exact"]
+    assert names[:2] == ["nystrom", "exact"] and names[-1] == "nystrom products"
     assert result["results"][0]["time_vs_nystrom"] == 1
     assert result["flops"]["exact"]["attention"] > 0
 
@@ -83,6 +88,7 @@ def test_fill_mask_script(capsys):
     for row in result["results"]:
         assert row["same_top5"], row  # the same weights and tokenizer give the same tokens
         assert row["time_ratio"] > 0
+        assert row["products_ms"] > 0 and row["products_vs_target"] > 0
 
 
 def test_common_helpers():
@@ -114,3 +120,13 @@ def test_flop_count_of_the_real_config():
     exact = common.forward_flops(Config().to_dict(), 1, 4096, "exact")
     assert nystrom["attention"] < exact["attention"] / 10
     assert nystrom["feed_forward"] == exact["feed_forward"]
+
+
+@pytest.mark.parametrize("attention, length", [("exact", 12), ("nystrom", 12), ("nystrom", 13)])
+def test_products_run_the_forward_shapes(attention, length):
+    """The products-only stand-in of a forward runs for both modes; at N = 13 the 4
+    landmarks' segments are uneven, which adds the segment means' (M, N) products."""
+    common = load_script("_common")
+    config = common.config_dict(tiny=True)
+    run = common.products(config, 2, length, attention, num_landmarks=4)
+    assert run() is None
