@@ -8,6 +8,8 @@ layer is ``x @ w + b`` with no transpose at run time.
 
 import math
 
+import numpy as np
+
 from .backend import erf, get_xp
 
 
@@ -36,34 +38,56 @@ def layer_norm(x, g, b, eps):
     return y
 
 
-def gelu_new(x):
+# Rows per block of ``gelu_new`` on the CPU: 32 rows of the checkpoint's I = 3072 floats
+# are 384 KiB, which stay in a core's L2 cache through the formula's nine passes.
+BLOCK_ROWS = 32
+
+
+def gelu_new(x, out=None):
     """GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
 
-    The activation of the Nystromformer checkpoint (``hidden_act = "gelu_new"``). It is the
-    widest element-wise step of the model ((B, N, I)), so it runs in place on one scratch
-    array, in the order of the formula; ``x`` itself is left unchanged.
+    The activation of the Nystromformer checkpoint (``hidden_act = "gelu_new"``) and the
+    widest element-wise step of the model ((B, N, I)). ``out`` is where the result goes (a
+    new array by default); ``out=x`` works in place, as the model runs it on its own
+    temporary. On the CPU the rows go through in blocks of ``BLOCK_ROWS`` with one small
+    scratch array, so that the formula's passes run in cache rather than in memory: on a
+    (4096, 3072) float32 array that took 15 ms instead of 41 ms on our CPU (a one-off
+    measurement). A GPU takes all rows at once.
     """
     xp = get_xp(x)
-    y = x * x
-    y *= x  # x^3 as x * x * x: NumPy's float32 ``x**3`` (powf) was ~70x slower here
-    y *= 0.044715
-    y += x
-    y *= math.sqrt(2 / math.pi)
-    xp.tanh(y, out=y)
-    y += 1
-    y *= x
-    y *= 0.5  # 0.5 x (1 + tanh(...))
-    return y
+    if out is None:
+        out = xp.empty(x.shape, x.dtype)
+    elif not out.flags.c_contiguous:
+        raise ValueError("gelu_new needs a C-contiguous out array.")
+    rows, out_rows = x.reshape(-1, x.shape[-1]), out.reshape(-1, x.shape[-1])  # (R, I)
+    step = BLOCK_ROWS if xp is np else max(len(rows), 1)
+    scratch = xp.empty((min(step, len(rows)), x.shape[-1]), x.dtype)
+    for start in range(0, len(rows), step):
+        block = rows[start : start + step]
+        y = scratch[: len(block)]
+        xp.multiply(block, block, out=y)
+        y *= block  # x^3 as x * x * x: NumPy's float32 ``x**3`` (powf) was ~70x slower here
+        y *= 0.044715
+        y += block
+        y *= math.sqrt(2 / math.pi)
+        xp.tanh(y, out=y)
+        y += 1
+        y *= 0.5  # exact (a power of two), so x * (0.5 (1 + tanh)) rounds as 0.5 x (1 + tanh)
+        xp.multiply(block, y, out=out_rows[start : start + step])
+    return out
 
 
-def gelu(x):
-    """Exact GELU: x * Phi(x) = 0.5 x (1 + erf(x / sqrt(2))). BERT's ``hidden_act = "gelu"``."""
-    return 0.5 * x * (1 + erf(x / math.sqrt(2)))
+def gelu(x, out=None):
+    """Exact GELU: x * Phi(x) = 0.5 x (1 + erf(x / sqrt(2))). BERT's ``hidden_act = "gelu"``.
+
+    ``out`` as for ``gelu_new``.
+    """
+    return get_xp(x).multiply(x, 0.5 * (1 + erf(x / math.sqrt(2))), out=out)
 
 
-def relu(x):
-    """max(x, 0)."""
-    return x * (x > 0)
+def relu(x, out=None):
+    """max(x, 0). ``out`` as for ``gelu_new``."""
+    return get_xp(x).multiply(x, x > 0, out=out)
 
 
 ACTIVATIONS = {"gelu_new": gelu_new, "gelu": gelu, "relu": relu}

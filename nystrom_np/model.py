@@ -105,7 +105,8 @@ def encoder_layer(
     attended = linear(context, **attention_output)
     attended += x
     a = layer_norm(attended, **attention_ln, eps=eps)
-    fed = linear(act(linear(a, **intermediate)), **output)
+    hidden = linear(a, **intermediate)  # (B, N, I), the widest array of the layer
+    fed = linear(act(hidden, out=hidden), **output)  # the activation in place
     fed += a
     return layer_norm(fed, **output_ln, eps=eps)
 

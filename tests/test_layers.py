@@ -13,7 +13,7 @@ from cases import leaves
 
 from nystrom_np import Config, forward, random_model
 from nystrom_np.attention import nystrom_attention, softmax, softmax_attention
-from nystrom_np.layers import depthwise_conv, gelu, gelu_new, layer_norm, linear
+from nystrom_np.layers import depthwise_conv, gelu, gelu_new, layer_norm, linear, relu
 
 
 @pytest.fixture
@@ -21,13 +21,35 @@ def rng():
     return np.random.default_rng(0)
 
 
-def test_gelu_new_equals_its_formula_and_keeps_its_input(rng):
-    x = rng.standard_normal((3, 5, 7)) * 4
+def gelu_new_plain(x):
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7), (2, 45, 7), (7,)])
+def test_gelu_new_equals_its_formula_and_keeps_its_input(rng, shape):
+    """(2, 45, 7) has 90 rows: two whole blocks of BLOCK_ROWS and a partial one."""
+    x = rng.standard_normal(shape) * 4
     before = x.copy()
-    plain = 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
-    np.testing.assert_allclose(gelu_new(x), plain, rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(gelu_new(x), gelu_new_plain(x), rtol=1e-14, atol=1e-15)
     np.testing.assert_array_equal(x, before)
     assert gelu_new(x.astype(np.float32)).dtype == np.float32
+    view = x.T  # not contiguous: read through a copy, the result is still right
+    np.testing.assert_allclose(gelu_new(view), gelu_new_plain(view), rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("act", [gelu_new, gelu, relu])
+def test_activations_in_place_equal_a_new_array(rng, act):
+    x = (rng.standard_normal((2, 45, 7)) * 4).astype(np.float32)
+    expected = act(x)
+    out = act(x, out=x)
+    assert out is x
+    np.testing.assert_array_equal(x, expected)  # bit for bit
+
+
+def test_gelu_new_refuses_an_out_it_cannot_fill_through_a_view(rng):
+    x = rng.standard_normal((4, 6))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        gelu_new(x, out=np.empty((6, 4)).T)
 
 
 def test_layer_norm_equals_its_formula_and_keeps_its_input(rng):
