@@ -10,21 +10,11 @@ import socket
 
 import numpy as np
 import pytest
+from cases import SMALL
 
 from nystrom_np import Config, random_model, sources, to_state_dict
 
-TINY = Config(
-    vocab_size=50,
-    hidden_size=16,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=32,
-    max_position_embeddings=40,
-    num_landmarks=4,
-    segment_means_seq_len=4,
-    conv_kernel_size=5,
-)
-
+TINY = Config.from_dict(SMALL)  # the parity tests' small config
 
 
 @pytest.fixture
