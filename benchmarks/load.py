@@ -39,7 +39,7 @@ from _common import has_torch, proc_status, reset_peak_rss
 
 from nystrom_np.checkpoint import read_safetensors, read_torch_bin
 from nystrom_np.config import Config
-from nystrom_np.model import from_state_dict, random_model, to_state_dict
+from nystrom_np.weights import from_state_dict, random_model, to_state_dict
 
 METHODS = (
     "read_safetensors",

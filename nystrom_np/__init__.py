@@ -11,7 +11,8 @@ from .attention import (
 from .backend import get_xp, to_device, to_numpy
 from .checkpoint import CheckpointError, convert, find_checkpoint, load
 from .config import Config
-from .model import Model, encode, forward, from_state_dict, mlm_head, random_model, to_state_dict
+from .model import encode, forward, mlm_head
+from .weights import Model, from_state_dict, random_model, to_state_dict
 
 __all__ = [
     "CheckpointError",

@@ -45,9 +45,9 @@ def run_fill_mask(args) -> int:
 
     from .checkpoint import load
     from .config import Config
-    from .model import random_model
     from .pipeline import encode_masked, fill_mask, format_table
     from .tokenizer import Tokenizer, load_tokenizer
+    from .weights import random_model
 
     try:  # the tokenizer first: it is small, and bad text then fails before the model loads
         if args.tokenizer:

@@ -538,7 +538,7 @@ def load(source, *, config=None, revision=None, dtype=np.float32, device="cpu"):
     -------
     Model
     """
-    from .model import from_state_dict
+    from .weights import from_state_dict
 
     config_path, weights = find_checkpoint(source, revision=revision)
     config = _resolve_config(config, config_path, weights)
@@ -587,7 +587,7 @@ def convert(src, dst, *, config=None, revision=None, force=False, log=print) -> 
     """
     from safetensors.numpy import save_file
 
-    from .model import from_state_dict
+    from .weights import from_state_dict
 
     config_path, weights = find_checkpoint(src, revision=revision)
     cfg = _resolve_config(config, config_path, weights)

@@ -13,7 +13,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-from .layers import ACTIVATIONS
+# The activations the forward pass implements (``hidden_act``).
+ACTIVATIONS = ("gelu_new", "gelu", "relu")
 
 # Where a family's defaults differ from the dataclass's (which are the Nystromformer's):
 # transformers' BertConfig defaults, for fields a BERT config.json leaves out.

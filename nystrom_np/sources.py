@@ -32,7 +32,7 @@ import numpy as np
 
 from . import checkpoint
 from .config import Config
-from .model import Model, random_model
+from .weights import Model, random_model
 
 REPO_ID = checkpoint.REPO_ID
 ENV_VAR = "NYSTROM_NP_CHECKPOINT"

@@ -464,7 +464,8 @@ def model_sweep(
     ``":attention"`` ones), "n", "median_ms", ..., "peak_mib", "layers", "device"}
     """
     from .config import Config
-    from .model import encode, random_model
+    from .model import encode
+    from .weights import random_model
 
     config = dataclasses.replace(
         Config() if config is None else config,

@@ -34,7 +34,7 @@ from _checkpoint_files import (
 )
 from safetensors.numpy import save_file
 
-from nystrom_np import checkpoint
+from nystrom_np import checkpoint, forward, random_model, to_state_dict
 from nystrom_np.checkpoint import (
     CheckpointError,
     convert,
@@ -46,7 +46,6 @@ from nystrom_np.checkpoint import (
     read_weights,
 )
 from nystrom_np.config import Config
-from nystrom_np.model import forward, random_model, to_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4  # max |logits - transformers' logits|, float32, small config

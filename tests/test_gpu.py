@@ -142,8 +142,8 @@ def test_forward_makes_no_host_round_trip(monkeypatch, mode):
     into a Python value: on a GPU each such step would stall the device. Emulated on the
     CPU: weights and inputs are ``HostTrip`` arrays, which every NumPy operation keeps."""
     model = random_model(SMALL, seed=0, dtype=np.float64)
-    device_model = model_module.Model(model.config,
-                                      map_arrays(lambda a: a.view(HostTrip), model.params))
+    device_model = type(model)(model.config,
+                               map_arrays(lambda a: a.view(HostTrip), model.params))
     check_inputs = model_module.check_inputs
 
     def checked_then_on_device(*args):  # the checks may look at the values; nothing after

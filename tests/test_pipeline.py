@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nystrom_np import pipeline
+from nystrom_np import Model, forward, pipeline, random_model, to_state_dict
 from nystrom_np.attention import softmax
 from nystrom_np.config import Config
-from nystrom_np.model import Model, forward, random_model, to_state_dict
 from nystrom_np.pipeline import fill_mask
 
 pytest.importorskip("sentencepiece")
