@@ -20,7 +20,7 @@ by side**, so that both see the same machine in the same state:
   CPU allocator does not report to Python). For NumPy, the peak of ``tracemalloc``
   (NumPy's own array allocations) is given as a cross-check.
 
-The alternating timing is ``nystrom_np.timing.compare`` (the book's runtime chapter uses it
+The alternating timing is ``nystrom_lab.timing.compare`` (the book's runtime chapter uses it
 too), called here with a pause and without its memory tracing; ``table`` and ``usable_cpus``
 come from there as well. What stays here is the benchmarks' own: the thread setting shared
 with PyTorch, the machine record, the two models side by side, the fresh-process memory
@@ -33,7 +33,6 @@ line of JSON with every figure (``json.loads`` of the last line).
 import argparse
 import gc
 import importlib.util
-import inspect
 import json
 import os
 import subprocess
@@ -43,8 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nystrom_np.layers import depthwise_conv
-from nystrom_np.timing import compare, machine_info, usable_cpus
+from nystrom_lab.timing import compare, machine_info, usable_cpus
+from nystrom_np.model import CONV_BLOCK
 
 ROOT = Path(__file__).resolve().parent.parent
 # A small config for smoke tests (``--tiny``): every code path, in well under a second.
@@ -289,7 +288,7 @@ def products(config: dict, batch: int, length: int, attention: str = "exact",
     (the head on ``head_rows`` rows, default all B * N, as ``forward_flops``). Its time is
     what the forward would take if element-wise work cost nothing.
     """
-    block = inspect.signature(depthwise_conv).parameters["block"].default  # the conv skip's
+    block = CONV_BLOCK
     rng = np.random.default_rng(0)
     b, n = batch, length
     c, i, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]

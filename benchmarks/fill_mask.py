@@ -36,7 +36,7 @@ from _common import (
     torch_model,
 )
 
-from nystrom_np.timing import table
+from nystrom_lab.timing import table
 
 SHORT = "Paris is the [MASK] of France."
 LONG_TOKENS = 500  # the long text's length in tokens, [CLS] and [SEP] included

@@ -29,7 +29,7 @@ from _common import (
     set_threads,
 )
 
-from nystrom_np.timing import table
+from nystrom_lab.timing import table
 
 CASES = "1x128,1x510,8x128"
 TINY_CASES = "1x8,2x16"

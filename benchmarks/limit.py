@@ -42,7 +42,7 @@ from _common import (
     torch_model,
 )
 
-from nystrom_np.timing import table
+from nystrom_lab.timing import table
 
 CASES = "1x510"
 TINY_CASES = "1x16"

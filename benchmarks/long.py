@@ -39,7 +39,7 @@ from _common import (
     set_threads,
 )
 
-from nystrom_np.timing import table
+from nystrom_lab.timing import table
 
 
 def main(argv=None) -> dict:

@@ -1,17 +1,19 @@
 """nystrom_np: a from-scratch NumPy (and CuPy) reference of the Nystromformer masked LM."""
 
-from .attention import (
+from .backend import get_xp, to_device, to_numpy
+from .checkpoint import CheckpointError, convert, find_checkpoint, load
+from .config import Config
+from .model import (
+    encode,
     exact_pinv,
+    forward,
     iterative_pinv,
+    mlm_head,
     nystrom_attention,
     segment_means,
     softmax,
     softmax_attention,
 )
-from .backend import get_xp, to_device, to_numpy
-from .checkpoint import CheckpointError, convert, find_checkpoint, load
-from .config import Config
-from .model import encode, forward, mlm_head
 from .weights import Model, from_state_dict, random_model, to_state_dict
 
 __all__ = [

@@ -27,10 +27,9 @@ import sys
 
 import numpy as np
 
-from .attention import softmax
 from .backend import to_numpy
 from .checkpoint import REPO_ID
-from .model import encode, mlm_head
+from .model import encode, mlm_head, softmax
 
 # Forms people write for a mask that this tokenizer reads as plain text.
 _MASK_LOOKALIKE = re.compile(r"\[mask\]|<mask>", re.IGNORECASE)

@@ -1,9 +1,9 @@
-"""Tests of nystrom_np.approximations: limits, the Eckart-Young floor, masks, shapes, errors."""
+"""Tests of nystrom_lab.approximations: limits, the Eckart-Young floor, masks, shapes, errors."""
 
 import numpy as np
 import pytest
 
-from nystrom_np import approximations as ap
+from nystrom_lab import approximations as ap
 from nystrom_np import nystrom_attention, softmax_attention
 
 B, H, N, D = 2, 3, 48, 8

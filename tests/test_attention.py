@@ -112,8 +112,8 @@ def test_per_matrix_init_keeps_samples_independent():
     """The paper's init: a sample's output is the same alone or in any batch."""
     q, k, v = qkv(3, 2, 32, 8, seed=2)
     q[2] *= 4  # a very different sample in the batch
-    alone = nystrom_attention(q[:1], k[:1], v[:1], num_landmarks=8, init="per_matrix")
-    batched = nystrom_attention(q, k, v, num_landmarks=8, init="per_matrix")
+    alone = nystrom_attention(q[:1], k[:1], v[:1], num_landmarks=8, pinv_init="per_matrix")
+    batched = nystrom_attention(q, k, v, num_landmarks=8, pinv_init="per_matrix")
     np.testing.assert_allclose(batched[:1], alone, atol=1e-12)
 
 
@@ -121,8 +121,8 @@ def test_global_init_couples_samples():
     """transformers' init: one scale for the batch, so a sample depends on the others."""
     q, k, v = qkv(3, 2, 32, 8, seed=2)
     q[2] *= 4
-    alone = nystrom_attention(q[:1], k[:1], v[:1], num_landmarks=8, init="global")
-    batched = nystrom_attention(q, k, v, num_landmarks=8, init="global")
+    alone = nystrom_attention(q[:1], k[:1], v[:1], num_landmarks=8, pinv_init="global")
+    batched = nystrom_attention(q, k, v, num_landmarks=8, pinv_init="global")
     assert np.abs(batched[:1] - alone).max() > 1e-6
 
 

@@ -13,7 +13,7 @@ from cases import leaves
 from nystrom_np import Config, random_model
 from nystrom_np.backend import get_xp, to_device, to_numpy
 
-PACKAGE = Path(__file__).parents[1] / "nystrom_np"
+ROOT = Path(__file__).parents[1]
 # numpy names that take a dtype or a Python scalar, never an array: fine on any backend.
 DTYPE_HELPERS = {"dtype", "float16", "float32", "float64", "int32", "int64", "integer",
                  "floating", "issubdtype", "finfo", "iinfo"}
@@ -26,11 +26,12 @@ HOST_MODULES = {"checkpoint.py", "tokenizer.py", "__main__.py", "sources.py", "p
 HOST_FUNCTIONS = {"from_state_dict", "_check_tied", "to_numpy", "_top_k"}
 # Parameters that hold sizes, seeds or dtypes, never arrays.
 SCALAR_PARAMS = {"n", "width", "proj_dim", "seed", "block", "num_features", "num_landmarks",
-                 "num_segments", "iterations", "dtype", "rank"}
+                 "num_segments", "iterations", "pinv_iterations", "dtype", "rank"}
 
 
 def modules():
-    return sorted(PACKAGE.glob("*.py"))
+    """The model's modules and the lab's: both run on either backend."""
+    return sorted([*(ROOT / "nystrom_np").glob("*.py"), *(ROOT / "nystrom_lab").glob("*.py")])
 
 
 @pytest.mark.parametrize("path", modules(), ids=lambda p: p.name)

@@ -12,7 +12,7 @@ driver, missing CUDA libraries: ``backend.cupy_or_raise``'s message). Four tests
 GPU and run everywhere: the benchmark's clear refusal where there is none, no module
 importing CuPy, a CPU emulation of a device that fails on every host round trip inside
 ``forward``, and a check that the approximation cases below cover every function of
-``nystrom_np.approximations``.
+``nystrom_lab.approximations``.
 
 Tolerances: float32 logits of the real config (``random_model(Config())``, N = 510) agree
 to 1e-4 (the issue's bound; max |logit| is about 3); float64 results of small configs to
@@ -31,9 +31,9 @@ import numpy as np
 import pytest
 
 import nystrom_np.model as model_module
+from nystrom_lab import approximations
 from nystrom_np import (
     Config,
-    approximations,
     encode,
     exact_pinv,
     forward,
@@ -137,10 +137,11 @@ class HostTrip(np.ndarray):
     "hf", "exact", "exact-masked-conv", "nystrom", "nystrom-exact-pinv",
 ])
 def test_forward_makes_no_host_round_trip(monkeypatch, mode):
-    """Past the input checks at the public boundary (``check_inputs``, and
-    ``check_landmarks`` once per batch), nothing in ``forward`` turns an array
-    into a Python value: on a GPU each such step would stall the device. Emulated on the
-    CPU: weights and inputs are ``HostTrip`` arrays, which every NumPy operation keeps."""
+    """Past the input checks (``check_inputs`` at the public boundary, and
+    ``check_landmarks``, which each Nystrom layer calls with the mask), nothing in
+    ``forward`` turns an array into a Python value: on a GPU each such step would stall the
+    device. Emulated on the CPU: weights and inputs are ``HostTrip`` arrays, which every
+    NumPy operation keeps."""
     model = random_model(SMALL, seed=0, dtype=np.float64)
     device_model = type(model)(model.config,
                                map_arrays(lambda a: a.view(HostTrip), model.params))
@@ -151,11 +152,11 @@ def test_forward_makes_no_host_round_trip(monkeypatch, mode):
 
     check_landmarks = model_module.check_landmarks
 
-    def landmarks_checked_once(mask, m):  # the one boundary check of M against the lengths
-        check_landmarks(None if mask is None else mask.view(np.ndarray), m)
+    def landmarks_checked(mask, *args):  # M against the lengths: reads the mask's row sums
+        check_landmarks(None if mask is None else mask.view(np.ndarray), *args)
 
     monkeypatch.setattr(model_module, "check_inputs", checked_then_on_device)
-    monkeypatch.setattr(model_module, "check_landmarks", landmarks_checked_once)
+    monkeypatch.setattr(model_module, "check_landmarks", landmarks_checked)
     ids = np.random.default_rng(0).integers(0, SMALL.vocab_size, (2, 16))
     mask = np.ones((2, 16), dtype=int)
     mask[1, 12:] = 0
@@ -284,7 +285,7 @@ ATTENTION_CASES = {
     "nystrom_attention": lambda q, k, v, m: nystrom_attention(q, k, v, m, 5),
     "nystrom_attention-exact": lambda q, k, v, m: nystrom_attention(q, k, v, m, 5, "exact"),
     "nystrom_attention-global": lambda q, k, v, m: nystrom_attention(q, k, v, m, 5,
-                                                                     init="global"),
+                                                                     pinv_init="global"),
     "nystrom_attention-hf": lambda q, k, v, m: nystrom_attention(q, k, v, m, 4,
                                                                  mask_landmarks=False),
 }
@@ -298,7 +299,7 @@ def test_attention_functions(cp, qkv, case):
     assert max_diff(out, fn(*qkv)) <= 1e-9
 
 
-# Each public function of nystrom_np.approximations, called as fn(q, k, v, mask) on the
+# Each public function of nystrom_lab.approximations, called as fn(q, k, v, mask) on the
 # device. Host helpers draw random projections / features or window starts with NumPy from
 # a seed (the same numbers on both devices); the functions that use them run here.
 A = approximations

@@ -261,7 +261,8 @@ def test_bad_token_types(small, types, error, match):
     (dict(attention="nystrom", pinv="svd"), "pinv"),
     (dict(attention="nystrom", pinv_init="paper"), "pinv_init"),
     (dict(attention="nystrom", pinv_iterations=-1), "pinv_iterations"),
-    (dict(attention="hf", num_landmarks=4), "follows the config"),
+    (dict(attention="hf", num_landmarks=4), "options of attention='nystrom' only"),
+    (dict(attention="exact", pinv_iterations=3), "options of attention='nystrom' only"),
 ])
 def test_bad_attention_options(small, options, match):
     with pytest.raises(ValueError, match=match):

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from nystrom_np import Model, forward, pipeline, random_model, to_state_dict
-from nystrom_np.attention import softmax
 from nystrom_np.config import Config
+from nystrom_np.model import softmax
 from nystrom_np.pipeline import fill_mask
 
 pytest.importorskip("sentencepiece")
@@ -379,7 +379,7 @@ def test_cli_random_weights_without_a_tokenizer(tmp_path):
         (["Paris is the <mask> of France."], r"'<mask>' is read as plain text"),
         (["word " * 600 + "[MASK]"], "at most 510"),
         (["a [MASK]", "--top-k", "0"], "top_k must lie in [1, 30000]"),
-        (["a [MASK]", "--landmarks", "4"], "are for attention='nystrom'"),
+        (["a [MASK]", "--landmarks", "4"], "options of attention='nystrom' only"),
         (["a [MASK]", "--tokenizer", "missing.model"], "no SentencePiece model"),
     ],
 )

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from nystrom_np import plotting
+from nystrom_lab import plotting
 
 
 def test_fit_power_law_recovers_slope_and_prefactor():

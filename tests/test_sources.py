@@ -1,4 +1,4 @@
-"""Which weights a chapter runs on (nystrom_np.sources), and the synthetic q, k it uses.
+"""Which weights a chapter runs on (nystrom_lab.sources), and the synthetic q, k it uses.
 
 No network is used: the hub is made unreachable by replacing socket.create_connection,
 the Hugging Face cache is a temporary folder, and checkpoints are written here with
@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from cases import SMALL
 
-from nystrom_np import Config, random_model, sources, to_state_dict
+from nystrom_lab import sources
+from nystrom_np import Config, random_model, to_state_dict
 
 TINY = Config.from_dict(SMALL)  # the parity tests' small config
 

