@@ -17,15 +17,15 @@ the end (``json.loads`` of the last line):
 
 How:
 
-- Time: CUDA events around each call (``cupy.cuda.Event``, ``torch.cuda.Event``), the device
-  idle before each call, so a figure covers the queued work and not only its launch. Warm-up
-  calls first (CuPy compiles its kernels on first use), then ``--repeats`` rounds in which
+- Time: the book's own harness, ``nystrom_lab.timing.compare`` with ``device="gpu"``: the
+  wall time of each call from an idle device until CuPy's and PyTorch's queued work is done
+  (``timing.synchronize``), so a figure covers the work and not only its launch. A warm-up
+  call first (CuPy compiles its kernels on first use), then ``--repeats`` rounds in which
   the candidates alternate, in an order rotated every round; the median over the rounds is
   reported, with the minimum and maximum.
-- Memory: the peak of the bytes in use during one call beyond those in use before it
-  (weights and inputs excluded, the output included). CuPy: its default memory pool, read
-  by an allocator hook at every allocation (``cupy.cuda.set_allocator``), emptied of cached
-  blocks first; PyTorch: ``torch.cuda.max_memory_allocated`` after
+- Memory: the growth of a memory pool over one call (weights and inputs excluded, the
+  output included). CuPy: ``timing.peak_memory(fn, "gpu")``, its default pool emptied of
+  cached blocks first; PyTorch: ``torch.cuda.max_memory_allocated`` after
   ``reset_peak_memory_stats``. Neither counts cuBLAS's own workspace.
 - TF32 is off on both sides (float32 matrix products in full precision), as by default.
 
@@ -46,11 +46,11 @@ import functools
 import json
 import os
 import platform
-import statistics
 import sys
 
 import numpy as np
 
+from nystrom_lab import timing
 from nystrom_np import Config, forward, nystrom_attention, random_model, softmax_attention
 from nystrom_np import to_state_dict as nystrom_state_dict
 from nystrom_np.backend import cupy_or_raise
@@ -177,83 +177,6 @@ def machine(cp, torch):
 # ------------------------------------------------------------------------ time, memory
 
 
-def cupy_call_ms(cp):
-    """Milliseconds of one call of fn() on the device, from CUDA events around it."""
-    def time_ms(fn):
-        cp.cuda.Device().synchronize()
-        start, end = cp.cuda.Event(), cp.cuda.Event()
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return cp.cuda.get_elapsed_time(start, end)
-
-    return time_ms
-
-
-def torch_call_ms(torch):
-    def time_ms(fn):
-        torch.cuda.synchronize()
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-
-    return time_ms
-
-
-def compare(candidates, repeats, warmup=3):
-    """name -> (fn, time_ms): warm-ups, then ``repeats`` rounds in rotating order.
-
-    Returns name -> {"median_ms", "min_ms", "max_ms"}.
-    """
-    names = list(candidates)
-    for name in names:
-        fn, time_ms = candidates[name]
-        for _ in range(warmup):
-            time_ms(fn)
-    times = {name: [] for name in names}
-    for r in range(repeats):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            fn, time_ms = candidates[name]
-            times[name].append(time_ms(fn))
-    return {name: {"median_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t)}
-            for name, t in times.items()}
-
-
-class CupyPeak:
-    """Peak bytes in use in CuPy's default memory pool inside a ``with`` block, beyond those
-    in use when it began (an allocator hook reads the pool at every allocation)."""
-
-    def __init__(self, cp):
-        self.cp, self.pool = cp, cp.get_default_memory_pool()
-
-    def __enter__(self):
-        self.cp.cuda.Device().synchronize()
-        self.pool.free_all_blocks()
-        self.before = self.peak = self.pool.used_bytes()
-        self.previous = self.cp.cuda.get_allocator()
-        self.cp.cuda.set_allocator(self._malloc)
-        return self
-
-    def _malloc(self, size):
-        memory = self.pool.malloc(size)
-        self.peak = max(self.peak, self.pool.used_bytes())
-        return memory
-
-    def __exit__(self, *exc):
-        self.cp.cuda.set_allocator(self.previous)
-        self.cp.cuda.Device().synchronize()
-
-    @property
-    def mib(self):
-        return (self.peak - self.before) / MIB
-
-
 def torch_peak_mib(torch, fn):
     """Peak bytes torch allocated during fn() beyond those allocated before, in MiB."""
     torch.cuda.synchronize()
@@ -304,20 +227,19 @@ def forward_benchmark(cp, torch, config, n, batches, repeats):
     for b in batches:
         ids = np.random.default_rng(b).integers(5, config.vocab_size, (b, n))
         ours = functools.partial(forward, gpu_model, cp.asarray(ids))
-        with CupyPeak(cp) as peak:
-            logits = ours()
+        peak, logits = timing.peak_memory(ours, "gpu")
         row = {"batch": b, "n": n, "layers": config.num_hidden_layers,
-               "hidden_size": config.hidden_size, "nystrom_np_peak_mib": peak.mib}
-        candidates = {"nystrom_np": (ours, cupy_call_ms(cp))}
+               "hidden_size": config.hidden_size, "nystrom_np_peak_mib": peak / MIB}
+        candidates = {"nystrom_np": ours}
         if hf is not None:
             theirs = functools.partial(hf_logits, torch, hf, torch.from_numpy(ids).to("cuda"))
             row["torch_peak_mib"] = torch_peak_mib(torch, theirs)
             reference = cp.from_dlpack(theirs().contiguous())  # zero-copy view on the device
             row["max_abs_logit_diff"] = float(cp.abs(logits - reference).max())
             del reference
-            candidates["torch"] = (theirs, torch_call_ms(torch))
+            candidates["torch"] = theirs
         del logits
-        for name, figures in compare(candidates, repeats).items():
+        for name, figures in timing.compare(candidates, repeats, "gpu", memory=False).items():
             row.update({f"{name}_{k}": v for k, v in figures.items()})
         if hf is not None:
             row["ratio"] = row["nystrom_np_median_ms"] / row["torch_median_ms"]
@@ -356,16 +278,15 @@ def attention_benchmark(cp, ns, landmarks, repeats, heads=12, head_size=64):
         candidates = {}
         for name, fn in methods.items():
             try:
-                with CupyPeak(cp) as peak:
-                    out = fn(q, k, v)
+                peak, out = timing.peak_memory(functools.partial(fn, q, k, v), "gpu")
                 del out
-                row[f"{name}_peak_mib"] = peak.mib
-                candidates[name] = (functools.partial(fn, q, k, v), cupy_call_ms(cp))
+                row[f"{name}_peak_mib"] = peak / MIB
+                candidates[name] = functools.partial(fn, q, k, v)
             except MemoryError:  # cupy.cuda.memory.OutOfMemoryError
                 row[f"{name}_peak_mib"] = row[f"{name}_median_ms"] = "OOM"
             pool.free_all_blocks()
         try:
-            for name, figures in compare(candidates, repeats, warmup=1).items():
+            for name, figures in timing.compare(candidates, repeats, "gpu", memory=False).items():
                 row.update({f"{name}_{k}": v for k, v in figures.items()})
         except MemoryError:  # the alternation needs both outputs' memory at once at most
             for name in candidates:

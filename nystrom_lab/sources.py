@@ -204,6 +204,14 @@ def show_note(weights: Weights):
     return Markdown(note_markdown(weights))
 
 
+def admonition(kind, title, text):
+    """A visible MyST admonition (``note``, ``warning``, ...) made by a code cell; it renders
+    as one typed in the page (see ``show_note``)."""
+    from IPython.display import Markdown
+
+    return Markdown(f":::{{{kind}}} {title}\n{text}\n:::\n")
+
+
 def note_markdown(weights: Weights) -> str:
     """The MyST Markdown of ``show_note``: an admonition with a title and the note."""
     kind, title = ("note", "Pretrained weights") if weights.real else ("warning", "Random weights")

@@ -176,11 +176,15 @@ def gpu_available() -> tuple:
 
 
 def synchronize(device):
-    """Wait for the GPU to finish its queued work (nothing to wait for on the CPU)."""
+    """Wait for the GPU to finish its queued work (nothing to wait for on the CPU): CuPy's,
+    and PyTorch's too where the caller has imported it (``benchmarks/gpu.py`` times both)."""
     if device == "gpu":
         import cupy
 
         cupy.cuda.Device().synchronize()
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.synchronize()
 
 
 def peak_memory(fn, device="cpu"):
@@ -533,26 +537,33 @@ def ratio(rows, numerator, denominator, n, key="median_ms"):
 
 
 def crossover(rows, slow="exact", fast="nystrom-64", key="median_ms"):
-    """The N at which ``fast`` overtakes ``slow``: where their ratio passes 1.
-
-    Interpolated on log-log axes between the two measured N around the last sign change of
-    log(slow / fast). Returns (N, where) with where ``"between"`` (N interpolated),
-    ``"below"`` (``fast`` is ahead at every N measured: N is the smallest), ``"above"``
-    (``fast`` is never ahead: N is the largest) or (None, "none") without common N.
-    """
+    """The N at which ``fast`` overtakes ``slow`` in ``rows``: ``crossover_point`` of the
+    two methods' series at the N both were measured at, or (None, "none") without any."""
     n_slow, v_slow = series(rows, slow, key)
     n_fast, v_fast = series(rows, fast, key)
     common = np.intersect1d(n_slow, n_fast)
     if common.size == 0:
         return None, "none"
-    log_r = np.log(v_slow[np.isin(n_slow, common)] / v_fast[np.isin(n_fast, common)])
+    return crossover_point(common, v_slow[np.isin(n_slow, common)],
+                           v_fast[np.isin(n_fast, common)])
+
+
+def crossover_point(n, slow, fast):
+    """The N at which the costs ``fast`` overtake ``slow`` (arrays over increasing ``n``).
+
+    Interpolated on log-log axes between the two N around the last sign change of
+    log(slow / fast). Returns (N, where) with where ``"between"`` (N interpolated),
+    ``"below"`` (``fast`` is ahead at every N: N is the smallest) or ``"above"`` (``fast`` is
+    never ahead at the largest N: N is the largest).
+    """
+    n, log_r = np.asarray(n, dtype=float), np.log(np.asarray(slow) / np.asarray(fast))
     ahead = log_r > 0
     if ahead.all():
-        return float(common[0]), "below"
+        return float(n[0]), "below"
     if not ahead[-1]:
-        return float(common[-1]), "above"
+        return float(n[-1]), "above"
     i = int(np.flatnonzero(~ahead)[-1])  # last N where fast is not ahead; fast leads after it
-    x0, x1 = np.log(common[i]), np.log(common[i + 1])
+    x0, x1 = np.log(n[i]), np.log(n[i + 1])
     t = log_r[i] / (log_r[i] - log_r[i + 1])  # where the line through the two points hits 0
     return float(math.exp(x0 + t * (x1 - x0))), "between"
 
