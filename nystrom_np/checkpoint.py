@@ -158,10 +158,11 @@ STORAGE_DTYPES = {
 
 # Budgets of a data.pkl, checked before any object is built. A state dict's pickle takes
 # ~25 opcodes per tensor and nests ~6 deep (the real checkpoint's: 40 kB, 5,000 opcodes),
-# so these leave room for 40,000 tensors while a hostile pickle is refused within a second:
-# too big, too long to run, nested so deeply that hashing a key would overflow the C
-# stack, or sharing objects so often that one key unfolds to millions.
-PICKLE_LIMITS = {"bytes": 16 << 20, "opcodes": 1_000_000, "depth": 32, "objects": 4_000_000}
+# so these leave room for 12,000 tensors (512 layers, Config's limit, need 8,200) while a
+# hostile pickle is refused within a second: too big, too long to run, nested so deeply
+# that hashing a key would overflow the C stack, or sharing objects so often that one key
+# unfolds to millions.
+PICKLE_LIMITS = {"bytes": 16 << 20, "opcodes": 300_000, "depth": 32, "objects": 4_000_000}
 
 # The opcodes a state dict needs (torch.save writes protocol 2; 4 and 5 add framing).
 # Everything else (INST, OBJ, NEWOBJ, EXT*, buffers, sets, lists, ...) is refused unrun.
@@ -184,7 +185,7 @@ def check_pickle(data: bytes, where) -> None:
     limits = PICKLE_LIMITS
     if len(data) > limits["bytes"]:
         raise CheckpointError(f"{where} is {len(data)} bytes; at most {limits['bytes']} allowed")
-    stack, memo, hashed = [], {}, 0
+    stack, memo, hashed, mark = [], {}, 0, pickletools.markobject
     try:
         for count, (op, arg, _) in enumerate(pickletools.genops(data)):
             if count == limits["opcodes"]:
@@ -202,6 +203,9 @@ def check_pickle(data: bytes, where) -> None:
             if op.name in ("BINGET", "LONG_BINGET"):
                 stack.append(memo[arg])
                 continue
+            if not op.stack_before:  # a constant, a global or a MARK: the common case, fast
+                stack += [None if x is mark else (0, 1) for x in op.stack_after]
+                continue
             items = _pop(stack, op.stack_before)
             target, children = (items[0], items[1:]) if op.name in _MUTATORS else (None, items)
             depth = 1 + max((d for d, _ in children), default=-1)
@@ -215,7 +219,6 @@ def check_pickle(data: bytes, where) -> None:
                     f"{where} nests deeper than {limits['depth']} or holds more than "
                     f"{limits['objects']} objects: not a state dict (nothing of it was run)"
                 )
-            mark = pickletools.markobject
             stack += [None if x is mark else (depth, size) for x in op.stack_after]
     except CheckpointError:
         raise
