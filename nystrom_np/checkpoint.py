@@ -79,6 +79,9 @@ SAFETENSORS_DTYPES = {
 }
 
 
+SAFETENSORS_HEADER_LIMIT = 16 << 20  # bytes of JSON: room for ~100,000 tensors
+
+
 def read_safetensors(path, *, mmap=True, config=None) -> dict:
     """Read a ``.safetensors`` file into a dict name -> NumPy array.
 
@@ -92,6 +95,16 @@ def read_safetensors(path, *, mmap=True, config=None) -> dict:
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            header_size = struct.unpack("<Q", f.read(8).ljust(8, b"\0"))[0]
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    if header_size > SAFETENSORS_HEADER_LIMIT:  # before the library parses it into memory
+        raise CheckpointError(
+            f"{path}: the safetensors header claims {header_size} bytes; at most "
+            f"{SAFETENSORS_HEADER_LIMIT} allowed (200 tensors take 30 kB)"
+        )
     try:
         with safe_open(path, framework="numpy") as f:
             names = list(f.keys())
@@ -198,6 +211,8 @@ def check_pickle(data: bytes, where) -> None:
                     "need; nothing of it was run"
                 )
             if op.name in ("BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                if stack[-1] is None:  # as in C: nothing above a MARK to memoize
+                    raise IndexError("a memo of a MARK")
                 memo[len(memo) if arg is None else arg] = stack[-1]
                 continue
             if op.name in ("BINGET", "LONG_BINGET"):

@@ -13,6 +13,7 @@ import math
 import os
 import shlex
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -181,6 +182,14 @@ def test_huge_config_and_tokenizer_files_are_refused_unread(tmp_path, state, spi
             f.truncate(4 << 30)  # a sparse 4 GB file: reading it whole would take 4 GB
     refused(lambda: load(folder), "config.json is over", peak=50 << 20)
     refused(lambda: Tokenizer(folder / "spiece.model"), "over", peak=50 << 20)
+
+
+def test_a_huge_safetensors_header_is_refused_unparsed(tmp_path):
+    path = tmp_path / "model.safetensors"
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", 1 << 30) + b'{"w": ' + b"[" * 1000)
+        f.truncate(8 + (1 << 30))  # sparse: the header would be 1 GB of JSON
+    refused(lambda: read_weights(path), "header claims", peak=4 << 20)
 
 
 # ------------------------------------------------------------------------------ pickles
