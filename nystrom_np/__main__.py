@@ -13,7 +13,10 @@ function that takes the parsed arguments and returns an exit status.
 """
 
 import argparse
+import json
+import math
 import sys
+import warnings
 
 from .checkpoint import REPO_ID
 
@@ -41,14 +44,14 @@ RANDOM_BANNER = (
 
 
 def run_fill_mask(args) -> int:
-    import json
-
     from .checkpoint import load
     from .config import Config
     from .pipeline import encode_masked, fill_mask, format_table
     from .tokenizer import Tokenizer, load_tokenizer
     from .weights import random_model
 
+    if args.seed < 0:
+        raise ValueError(f"--seed must be a non-negative integer, got {args.seed}.")
     try:  # the tokenizer first: it is small, and bad text then fails before the model loads
         if args.tokenizer:
             tokenizer = Tokenizer(args.tokenizer)
@@ -84,14 +87,23 @@ def run_fill_mask(args) -> int:
         texts, args.top_k, model=model, tokenizer=tokenizer, attention=args.attention,
         num_landmarks=args.landmarks,
     )
-    if args.json:
-        print(json.dumps(results, indent=2, ensure_ascii=False))
+    if args.json:  # strict JSON: a NaN score (fill_mask has warned) is written null
+        print(json.dumps(_finite(results), indent=2, ensure_ascii=False, allow_nan=False))
         return 0
     results = [results] if len(args.texts) == 1 else results
     print("\n\n".join(format_table(t, r) for t, r in zip(args.texts, results, strict=True)))
     if args.random_weights:
         print("(random weights: these predictions are meaningless)")
     return 0
+
+
+def _finite(value):
+    """``value`` with every NaN or infinite float replaced by None (JSON's null)."""
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,14 +161,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, *_):
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.run(args)
-    # Bad input, bad files, or --device gpu without CuPy or a GPU: a message, no traceback.
-    except (ValueError, TypeError, OSError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning  # one line, not a source excerpt
+        try:
+            return args.run(args)
+        # Bad input, bad files, a missing library, --device gpu without CuPy or a GPU: a
+        # message, no traceback.
+        except (ValueError, TypeError, OSError, RuntimeError, ImportError) as e:
+            print(f"error: {e}", file=sys.stderr)
+        except MemoryError:
+            print("error: out of memory (the checkpoint or the input is too big for this "
+                  "machine).", file=sys.stderr)  # fmt: skip
+    return 1
 
 
 if __name__ == "__main__":

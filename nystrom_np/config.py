@@ -11,10 +11,32 @@ One frozen dataclass serves both model families the package runs:
 
 import dataclasses
 import json
+import math
+import numbers
 from pathlib import Path
 
 # The activations the forward pass implements (``hidden_act``).
 ACTIVATIONS = ("gelu_new", "gelu", "relu")
+
+# The range each integer field may take. The upper bounds are far above any published model
+# and keep an absurd config (10**6 layers) an error in microseconds, before anything is built.
+INT_RANGES = {
+    "vocab_size": (1, 2**24),
+    "hidden_size": (1, 2**16),
+    "num_hidden_layers": (1, 512),
+    "num_attention_heads": (1, 2**12),
+    "intermediate_size": (1, 2**18),
+    "max_position_embeddings": (1, 2**20),
+    "type_vocab_size": (1, 2**10),
+    "num_landmarks": (1, 2**16),
+    "segment_means_seq_len": (1, 2**20),
+    "conv_kernel_size": (1, 2**12),  # or None
+    "pad_token_id": (0, 2**24),  # or None
+    "bos_token_id": (0, 2**24),  # or None
+    "eos_token_id": (0, 2**24),  # or None
+}
+OPTIONAL = ("conv_kernel_size", "pad_token_id", "bos_token_id", "eos_token_id")  # may be None
+JSON_LIMIT = 1 << 20  # bytes: a config.json holds a few dozen numbers (the real one: 0.7 kB)
 
 # Where a family's defaults differ from the dataclass's (which are the Nystromformer's):
 # transformers' BertConfig defaults, for fields a BERT config.json leaves out.
@@ -57,9 +79,19 @@ class Config:
     eos_token_id: int | None = 2
 
     def __post_init__(self):
+        for name, (low, high) in INT_RANGES.items():
+            _check_int(name, getattr(self, name), low, high)
+        _check_real("layer_norm_eps", self.layer_norm_eps, zero_allowed=False)
+        _check_real("initializer_range", self.initializer_range, zero_allowed=True)
+        if not isinstance(self.inv_coeff_init_option, bool):
+            value = _show(self.inv_coeff_init_option)
+            raise TypeError(f"inv_coeff_init_option must be true or false, got {value}.")
+        for name in ("model_type", "hidden_act"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} must be a string, got {_show(getattr(self, name))}.")
         if self.model_type not in _FAMILY_DEFAULTS:
             raise ValueError(
-                f"model_type {self.model_type!r} is not supported; "
+                f"model_type {_show(self.model_type)} is not supported; "
                 f"use one of {sorted(_FAMILY_DEFAULTS)}."
             )
         if self.hidden_size % self.num_attention_heads:
@@ -69,7 +101,7 @@ class Config:
             )
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(
-                f"hidden_act {self.hidden_act!r} is not supported; "
+                f"hidden_act {_show(self.hidden_act)} is not supported; "
                 f"use one of {tuple(ACTIVATIONS)}."
             )
         if self.model_type == "bert" and self.conv_kernel_size is not None:
@@ -93,10 +125,12 @@ class Config:
     @classmethod
     def from_dict(cls, values: dict) -> "Config":
         """Build from a config.json dict; unknown keys are ignored, missing ones defaulted."""
+        if not isinstance(values, dict):
+            raise TypeError(f"a config must be a JSON object (a dict), got {_show(values)}.")
         model_type = values.get("model_type", "nystromformer")
-        if model_type not in _FAMILY_DEFAULTS:
+        if not isinstance(model_type, str) or model_type not in _FAMILY_DEFAULTS:
             raise ValueError(
-                f"config.json has model_type {model_type!r}; nystrom_np runs "
+                f"config.json has model_type {_show(model_type)}; nystrom_np runs "
                 f"{sorted(_FAMILY_DEFAULTS)} models."
             )
         fields = {f.name for f in dataclasses.fields(cls)}
@@ -106,19 +140,71 @@ class Config:
     @classmethod
     def from_json(cls, path) -> "Config":
         """Read a ``config.json`` file (or a directory holding one)."""
+        if not isinstance(path, (str, Path)) or str(path) == "":
+            raise TypeError(f"a config path must be a non-empty str or Path, got {_show(path)}.")
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
+        values = read_json(path)
         try:
-            values = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no config.json at {path}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"{path} does not hold a JSON object.")
-        return cls.from_dict(values)
+            return cls.from_dict(values)
+        except (ValueError, TypeError) as e:  # name the file: the caller may not know which
+            raise type(e)(f"{path}: {e}") from None
 
     def to_dict(self) -> dict:
         """The fields as a config.json dict (what ``from_dict`` reads back)."""
         return dataclasses.asdict(self)
+
+
+def _check_int(name, value, low, high):
+    """An int field within [low, high] (or None, for the fields in OPTIONAL)."""
+    if value is None and name in OPTIONAL:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {_show(value)}.")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must lie in [{low}, {high}], got {_show(value)}.")
+
+
+def _check_real(name, value, zero_allowed):
+    """A float field: a finite number, > 0 (or >= 0 where zero is allowed)."""
+    bound = ">= 0" if zero_allowed else "> 0"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number {bound}, got {_show(value)}.")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_allowed):
+        raise ValueError(f"{name} must be a finite number {bound}, got {_show(value)}.")
+
+
+def _show(value, width=40) -> str:
+    """A short repr for error messages: a huge or hostile value must not flood them."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int of over 4300 digits
+        return f"an integer of {value.bit_length()} bits"
+    return f"{text[:width]}... ({type(value).__name__})" if len(text) > width else text
+
+
+def read_json(path, limit=JSON_LIMIT):
+    """The JSON value of a small file, or a ValueError naming the file and what is wrong.
+
+    At most ``limit`` bytes are read (a huge or endless file is refused unread); the text
+    must be UTF-8 and nested at most as deeply as Python's parser allows.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {path.name} at {path}") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
+    if len(data) > limit:
+        raise ValueError(f"{path} is over {limit} bytes; a {path.name} is a few kB at most.")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}); JSON must be.") from None
+    except RecursionError:
+        raise ValueError(f"{path} nests JSON too deeply to be a {path.name}.") from None
+    except ValueError as e:  # JSONDecodeError, or an integer of over 4300 digits
+        raise ValueError(f"{path} is not valid JSON: {str(e)[:200]}") from None

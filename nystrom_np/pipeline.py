@@ -24,6 +24,7 @@ unwraps a list of one text into that text's result.
 import functools
 import re
 import sys
+import warnings
 
 import numpy as np
 
@@ -81,6 +82,10 @@ def fill_mask(
     mask. For a list of texts: a list of those, one per text.
     """
     single = isinstance(text_or_texts, str)
+    if not single and not isinstance(text_or_texts, (list, tuple)):
+        raise TypeError(
+            f"fill_mask takes a str or a list of str, got {type(text_or_texts).__name__}."
+        )
     texts = [text_or_texts] if single else list(text_or_texts)
     if not texts:
         raise ValueError("fill_mask needs at least one text.")
@@ -116,6 +121,13 @@ def fill_mask(
                 model, np.array([ids[i] for i in batch]), tokenizer.mask_id, top_k,
                 attention=attention, num_landmarks=num_landmarks,
             )  # (K, top_k) each, masks in reading order
+            if not np.isfinite(scores).all():
+                warnings.warn(
+                    "the model's scores hold NaN or Inf (NaN or Inf in its weights, or an "
+                    "overflow): these predictions are meaningless.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             k = 0
             for i in batch:
                 n_masks = ids[i].count(tokenizer.mask_id)

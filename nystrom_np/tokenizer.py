@@ -32,14 +32,24 @@ Special ids are read from the model file, never assumed. (The ALBERT layout is `
 leftover of the checkpoint and is *not* the padding id.)
 """
 
-import json
 import re
+import shlex
 import unicodedata
 from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import REPO_ID
+from .checkpoint import (
+    HUB_TIMEOUT,
+    REPO_ID,
+    TOKENIZER_LIMIT,
+    WEIGHT_FILES,
+    find_checkpoint,
+    hub_cache_dir,
+    hub_endpoint,
+    hub_reachable,
+)
+from .config import read_json
 
 SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
 MODEL_FILE = "spiece.model"
@@ -83,12 +93,22 @@ class Tokenizer:
             path = directory / MODEL_FILE
         if not path.is_file():
             raise FileNotFoundError(f"no SentencePiece model at {path}")
+        if path.stat().st_size > TOKENIZER_LIMIT:  # sentencepiece would read it whole
+            raise ValueError(
+                f"{path} is over {TOKENIZER_LIMIT} bytes; a spiece.model is a few MB at most."
+            )
         unknown = set(options) - set(OPTIONS)
         if unknown:
             raise TypeError(f"unknown tokenizer options {sorted(unknown)}; known: {list(OPTIONS)}")
         saved, saved_max = _read_directory(directory) if directory else ({}, None)
         self.options = {**OPTIONS, **saved, **options}
-        self.max_length = int(max_length or saved_max or MAX_LENGTH)
+        self.max_length = max_length or saved_max or MAX_LENGTH
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or (
+            self.max_length < 2
+        ):
+            raise ValueError(
+                f"max_length must be an integer >= 2 ([CLS] and [SEP]), got {self.max_length!r}."
+            )
 
         self.path = path
         self.sp = sentencepiece.SentencePieceProcessor()
@@ -294,6 +314,14 @@ class Tokenizer:
 def _check_text(text, name):
     if not isinstance(text, str):
         raise TypeError(f"{name} must be a str, got {type(text).__name__}.")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate: SentencePiece would fail on it
+        raise ValueError(
+            f"{name} holds U+{ord(text[e.start]):04X} at position {e.start}, a lone surrogate "
+            "that is not a character (a command-line argument or file that is not UTF-8?); "
+            "only valid Unicode text can be tokenized."
+        ) from None
 
 
 def _truncate(a, b, budget):
@@ -309,16 +337,39 @@ def _truncate(a, b, budget):
 
 
 def _read_directory(directory: Path):
-    """Options from ``tokenizer_config.json`` and the length limit from ``config.json``."""
+    """Options from ``tokenizer_config.json`` and the length limit from ``config.json``.
+
+    Both are read under a size limit and checked: an option must be true or false (a
+    string "false" would otherwise count as true), the length a positive integer.
+    """
     options, max_length = {}, None
     tok_config = directory / "tokenizer_config.json"
     if tok_config.is_file():
-        values = json.loads(tok_config.read_text())
-        options = {k: bool(values[k]) for k in OPTIONS if values.get(k) is not None}
+        values = _json_object(tok_config)
+        for key in OPTIONS:
+            value = values.get(key)
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"{tok_config}: {key} must be true or false, got {value!r:.60}.")
+            if value is not None:
+                options[key] = value
     config = directory / "config.json"
     if config.is_file():
-        max_length = json.loads(config.read_text()).get("max_position_embeddings")
+        max_length = _json_object(config).get("max_position_embeddings")
+        if max_length is not None and (
+            isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2
+        ):
+            raise ValueError(
+                f"{config}: max_position_embeddings must be an integer >= 2, "
+                f"got {max_length!r:.60}."
+            )
     return options, max_length
+
+
+def _json_object(path):
+    values = read_json(path)
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} holds a JSON {type(values).__name__}, not an object {{...}}.")
+    return values
 
 
 def load_tokenizer(source=REPO_ID, *, revision=None) -> Tokenizer:
@@ -330,10 +381,10 @@ def load_tokenizer(source=REPO_ID, *, revision=None) -> Tokenizer:
     and downloads are possible).
     """
     path = Path(source).expanduser()
+    if path.is_file() and path.name in WEIGHT_FILES:  # a checkpoint's weights: its folder
+        path = path.parent
     if path.exists():
         return Tokenizer(path)
-    from .checkpoint import find_checkpoint, hub_cache_dir, hub_reachable
-
     _, weights = find_checkpoint(source, revision=revision)
     directory = weights.parent
     if not (directory / MODEL_FILE).is_file() and hub_reachable():
@@ -341,7 +392,8 @@ def load_tokenizer(source=REPO_ID, *, revision=None) -> Tokenizer:
             import huggingface_hub
 
             huggingface_hub.hf_hub_download(
-                source, MODEL_FILE, revision=revision, cache_dir=hub_cache_dir()
+                source, MODEL_FILE, revision=revision, cache_dir=hub_cache_dir(),
+                endpoint=hub_endpoint(), etag_timeout=HUB_TIMEOUT,
             )
         except Exception:  # no huggingface_hub, no network: the message below says what to do
             pass
@@ -349,7 +401,7 @@ def load_tokenizer(source=REPO_ID, *, revision=None) -> Tokenizer:
         raise FileNotFoundError(
             f"the checkpoint {source!r} at {directory} has no {MODEL_FILE} (its tokenizer). "
             f"Get it where the hub is reachable, e.g.\n"
-            f"    huggingface-cli download {source} {MODEL_FILE}\n"
+            f"    huggingface-cli download {shlex.quote(str(source))} {MODEL_FILE}\n"
             "(into the Hugging Face cache, next to the weights), or pass its path."
         )
     return Tokenizer(directory)

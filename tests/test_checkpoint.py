@@ -10,7 +10,9 @@ import collections
 import json
 import os
 import pickle
+import shlex
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -473,7 +475,8 @@ def test_download_tries_safetensors_then_the_bin(small, tmp_path, monkeypatch):
 
     calls = []
 
-    def fake_download(repo_id, filename, *, revision, cache_dir):
+    def fake_download(repo_id, filename, *, revision, cache_dir, endpoint, etag_timeout):
+        assert etag_timeout <= 5  # a stalled hub is given up on in seconds, not minutes
         calls.append((repo_id, filename, revision, Path(cache_dir)))
         if filename == "model.safetensors":
             raise EntryNotFoundError("404: model.safetensors is not in this repo")
@@ -503,7 +506,7 @@ def test_unreachable_hub_is_not_retried(monkeypatch):
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(hub, "hf_hub_download", no_download)
-    monkeypatch.setattr(checkpoint.socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
     with pytest.raises(FileNotFoundError, match="did not answer within 3 s"):
         load("uw-madison/nystromformer-512")
 
@@ -692,7 +695,8 @@ def test_legacy_torch_file_gets_a_working_recipe(hf, tmp_path):
     with pytest.raises(ValueError, match="legacy") as error:
         load(hf.legacy)
     command = next(line for line in str(error.value).splitlines() if "python -c" in line)
-    code = command.split('python -c "', 1)[1].rsplit('"', 1)[0]
+    python, flag, code = shlex.split(command)  # as a shell reads the pasted line
+    assert (python, flag) == ("python", "-c")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
     resaved = legacy.with_name("pytorch_model-zip.bin")
     assert max_error(hf, load(resaved)) <= TOLERANCE
