@@ -7,8 +7,8 @@ peak memory at N = 510 or N = 4096:
 - ``conv``: the conv skip as a banded (Toeplitz) product, block by block
   (``depthwise_conv``), against the plain sum of K shifted slices;
 - ``activation``: GELU in blocks of ``ACTIVATION_ROWS`` rows, against all rows at once;
-- ``softmax``: softmax written over the N x N scores in place (``softmax_attention``),
-  against a new array;
+- ``softmax``: softmax written over its own scores in place (the N x N ones of
+  ``softmax_attention``, the N x M ones of ``nystrom_attention``), against a new array;
 - ``bias``: the bias added in place to the product in ``linear``, against ``x @ w + b``
   (NumPy makes a second array for the sum: at the head, of V floats per token).
 
@@ -16,11 +16,14 @@ Each case runs the whole forward (random float32 weights of the real config, B =
 at every position) twice: as it is, and with one plain form swapped in. The two alternate
 (``nystrom_lab.timing.compare``: warm-up first, rounds in rotating order, medians), and the
 warm-up call of each is traced for its peak memory (``tracemalloc``: NumPy's allocations).
-The softmax trick only acts in exact attention, so it is measured at N = 510 (the
-checkpoint's own mode); the others in that mode and in ``nystrom`` mode at N = 4096.
+Each trick is measured in the checkpoint's own mode (exact attention) at N = 510 and in
+``nystrom`` mode (M = 64) at N = 4096.
 
-Usage: ``python benchmarks/tricks.py [--threads 2] [--repeats 5] [--tiny]``. Prints a
-table, then one JSON line.
+The figure is the median of the wall time or (``--clock cpu``) of the process's CPU time,
+which, with ``--threads 1``, does not grow while other processes share the cores.
+
+Usage: ``python benchmarks/tricks.py [--threads 2] [--repeats 5] [--clock wall|cpu]
+[--tiny]``. Prints a table, then one JSON line.
 """
 
 import contextlib
@@ -72,11 +75,14 @@ def plain(trick):
 
 def main(argv=None) -> dict:
     parser = arguments(__doc__.splitlines()[0], repeats=5)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="time by the wall clock or by this process's CPU time")
     args = parser.parse_args(argv)
     set_threads(args.threads)
+    key = "median_cpu_ms" if args.clock == "cpu" else "median_ms"
     short, long = (16, 32) if args.tiny else (510, 4096)
     cases = [(short, "hf", trick) for trick in ("conv", "activation", "softmax", "bias")]
-    cases += [(long, "nystrom", trick) for trick in ("conv", "activation", "bias")]
+    cases += [(long, "nystrom", trick) for trick in ("conv", "activation", "softmax", "bias")]
     rows, models = [], {}
     for n, attention, trick in cases:
         if n not in models:
@@ -96,14 +102,14 @@ def main(argv=None) -> dict:
         t, p = timed["trick"], timed["plain"]
         rows.append({
             "length": n, "attention": attention, "trick": trick,
-            "trick_ms": t["median_ms"], "plain_ms": p["median_ms"],
-            "slower_pct": 100 * (p["median_ms"] / t["median_ms"] - 1),
+            "trick_ms": t[key], "plain_ms": p[key],
+            "slower_pct": 100 * (p[key] / t[key] - 1),
             "trick_mib": t["peak_mib"], "plain_mib": p["peak_mib"],
             "more_memory_pct": 100 * (p["peak_mib"] / t["peak_mib"] - 1),
         })
     info = header(f"The forward with each trick and with its plain form, float32, B = 1, "
-                  f"{'TINY config' if args.tiny else 'the real config'}; median of "
-                  f"{args.repeats} alternating runs; peak = tracemalloc of one call",
+                  f"{'TINY config' if args.tiny else 'the real config'}; {args.clock} time, "
+                  f"median of {args.repeats} alternating runs; peak = tracemalloc of one call",
                   args.threads)
     print(table(rows, [
         ("N", "length", "{}"),

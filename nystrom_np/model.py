@@ -8,12 +8,13 @@ the iterative pseudo-inverse, eq. (15)); the conv skip; one encoder layer; the m
 (embeddings, layers, MLM head); last, the input checks, kept out of the way of the math.
 
 References: Xiong et al., "Nystromformer: A Nystrom-Based Algorithm for Approximating
-Self-Attention", AAAI 2021 (arXiv 2102.03902), section 3, eqs. (14)-(16); the pseudo-inverse
-iteration of Razavi et al. 2014. Where we follow transformers' ``NystromformerForMaskedLM``
-(4.57, eval mode) on purpose: positions count from 2; q and k each carry D^(-1/4); the conv
-skip reads the unmasked values; ``attention="hf"`` is its rule for choosing a path. A BERT
-config runs the same code with no conv skip, positions from 0 and the erf GELU. Weights come
-transposed to (in, out), q/k/v fused and cast, from ``weights.from_state_dict``.
+Self-Attention", AAAI 2021 (arXiv 2102.03902), section 3 and eq. (15); the pseudo-inverse
+iteration of Razavi et al. 2014, as the paper uses it. Where we follow transformers'
+``NystromformerForMaskedLM`` (4.57, eval mode) on purpose: positions count from 2; q and k
+each carry D^(-1/4); the conv skip reads the unmasked values; ``attention="hf"`` is its rule
+for choosing a path. A BERT config runs the same code with no conv skip, positions from 0
+and the erf GELU. Weights come transposed to (in, out), q/k/v fused and cast, from
+``weights.from_state_dict``.
 """
 
 import math
@@ -106,7 +107,7 @@ def softmax_attention(q, k, v, mask=None):
 
 
 def segment_means(x, num_segments, mask=None):
-    """Landmarks: the means of M contiguous segments of the real tokens (paper, sec. 3.3).
+    """Landmarks: the means of M contiguous segments of the real tokens (the paper's choice).
 
     A real token of rank r among the L real tokens of its row falls in segment
     floor(r M / L): padding is left out, and N need not be a multiple of M (segments then
@@ -126,7 +127,7 @@ def segment_means(x, num_segments, mask=None):
 
 
 def iterative_pinv(a, iterations=6, init="per_matrix"):
-    """Moore-Penrose pseudo-inverse by the iteration of Razavi et al. (paper eq. (16)).
+    """Moore-Penrose pseudo-inverse by the iteration of Razavi et al. 2014, as the paper's.
 
     ``Z <- 1/4 Z (13 I - A Z (15 I - A Z (7 I - A Z)))`` from ``Z0 = A^T / c``, where
     ``init="per_matrix"`` takes c = ||A||_1 ||A||_inf of each matrix (the paper's bound,
@@ -169,8 +170,8 @@ def nystrom_attention(q, k, v, mask=None, num_landmarks=64, pinv="iterative",
     """Nystrom attention, eq. (15): softmax(Q K~^T) Z softmax(Q~ K^T) V, with Z ~ A^+.
 
     The landmarks Q~, K~ are M segment means of the scaled q and k. F = softmax(Q K~^T)
-    (N x M), A = softmax(Q~ K~^T) (M x M), B = softmax(Q~ K^T) (M x N): no N x N array,
-    O(N M D + N M^2 + M^3) time, O(N M) memory. Only B is masked: padded keys get no
+    (N x M), A = softmax(Q~ K~^T) (M x M), R = softmax(Q~ K^T) (M x N): no N x N array,
+    O(N M D + N M^2 + M^3) time, O(N M) memory. Only R is masked: padded keys get no
     weight, padded queries get rows that mean nothing.
 
     Parameters
@@ -193,14 +194,14 @@ def nystrom_attention(q, k, v, mask=None, num_landmarks=64, pinv="iterative",
     k_land = segment_means(k, num_landmarks, mask if mask_landmarks else None)  # (B, H, M, D)
     f = q @ k_land.swapaxes(-1, -2)  # (B, H, N, D) @ (B, H, D, M) -> (B, H, N, M)
     a = softmax(q_land @ k_land.swapaxes(-1, -2))  # (B, H, M, D) @ (B, H, D, M) -> (B,H,M,M)
-    b = q_land @ k.swapaxes(-1, -2)  # (B, H, M, D) @ (B, H, D, N) -> (B, H, M, N)
+    r = q_land @ k.swapaxes(-1, -2)  # (B, H, M, D) @ (B, H, D, N) -> (B, H, M, N)
     if mask is not None:
-        b += mask_bias(mask, b.dtype)
-    f, b = softmax(f, out=f), softmax(b, out=b)  # in place: the N x M scores are ours
+        r += mask_bias(mask, r.dtype)
+    f, r = softmax(f, out=f), softmax(r, out=r)  # in place, as in softmax_attention
     z = iterative_pinv(a, pinv_iterations, pinv_init) if pinv == "iterative" else exact_pinv(a)
-    # (F Z)(B V), the order transformers multiplies in, so that float32 round-off matches;
-    # F (Z (B V)) would trade the N M^2 term for M^2 D, the same cost while M = D = 64.
-    return f @ z @ (b @ v)  # (B, H, N, M) @ (B, H, M, M) @ (B, H, M, D) -> (B, H, N, D)
+    # (F Z)(R V), the order transformers multiplies in, so that float32 round-off matches;
+    # F (Z (R V)) would trade the N M^2 term for M^2 D, the same cost while M = D = 64.
+    return f @ z @ (r @ v)  # (B, H, N, M) @ (B, H, M, M) @ (B, H, M, D) -> (B, H, N, D)
 
 
 # ---------------------------------------------------------------------------- conv skip

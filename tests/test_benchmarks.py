@@ -57,6 +57,22 @@ def test_forward_script(capsys):
     assert result["machine"]["threads"] >= 1 and "torch" in result["machine"]
 
 
+def test_tricks_script_restores_every_trick(capsys):
+    import nystrom_np.model as model_module
+
+    before = {name: getattr(model_module, name)
+              for name in ("depthwise_conv", "ACTIVATION_ROWS", "softmax", "linear")}
+    result = load_script("tricks").main(["--tiny", "--repeats", "1", "--clock", "cpu"])
+    assert last_json_line(capsys) == json.loads(json.dumps(result))
+    tricks = {(r["attention"], r["trick"]) for r in result["results"]}
+    assert tricks == {("hf", "conv"), ("hf", "activation"), ("hf", "softmax"), ("hf", "bias"),
+                      ("nystrom", "conv"), ("nystrom", "activation"), ("nystrom", "softmax"),
+                      ("nystrom", "bias")}
+    for row in result["results"]:
+        assert row["trick_ms"] > 0 and row["plain_ms"] > 0 and row["trick_mib"] > 0
+    assert all(getattr(model_module, name) is value for name, value in before.items())
+
+
 def test_limit_script(capsys):
     result = load_script("limit").main(["--tiny", "--repeats", "1"])
     assert last_json_line(capsys)["benchmark"] == "limit"
