@@ -7,8 +7,9 @@ peak memory at N = 510 or N = 4096:
 - ``conv``: the conv skip as a banded (Toeplitz) product, block by block
   (``depthwise_conv``), against the plain sum of K shifted slices;
 - ``activation``: GELU in blocks of ``ACTIVATION_ROWS`` rows, against all rows at once;
-- ``softmax``: softmax written over its own scores in place (the N x N ones of
-  ``softmax_attention``, the N x M ones of ``nystrom_attention``), against a new array;
+- ``softmax``: softmax written over the N x N scores in place (``softmax_attention``),
+  against a new array (in ``nystrom`` mode it measures nothing left: on 2026-12-02 the
+  in-place form of the N x M kernels paid 0.3 %, so they went back to the plain form);
 - ``bias``: the bias added in place to the product in ``linear``, against ``x @ w + b``
   (NumPy makes a second array for the sum: at the head, of V floats per token).
 

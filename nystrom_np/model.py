@@ -29,7 +29,7 @@ from .backend import erf, get_xp
 def linear(x, w, b):
     """Dense layer ``x w + b``: (..., in) @ (in, out) -> (..., out)."""
     y = x @ w
-    y += b  # in place: ``x @ w + b`` holds the V-wide logits twice, +70 % peak (tricks.py)
+    y += b  # in place: ``x @ w + b`` holds the logits twice, +74 % peak memory (tricks.py)
     return y
 
 
@@ -98,7 +98,7 @@ def softmax_attention(q, k, v, mask=None):
     scores = q @ k.swapaxes(-1, -2)  # (B, H, N, D) @ (B, H, D, N) -> (B, H, N, N)
     if mask is not None:
         scores += mask_bias(mask, scores.dtype)
-    # In place: a second N x N array would add 11 % to the peak at N = 510 (tricks.py).
+    # In place: a new N x N array makes the forward 16 % slower at N = 510 (tricks.py).
     weights = softmax(scores, out=scores)
     return weights @ v  # (B, H, N, N) @ (B, H, N, D) -> (B, H, N, D)
 
@@ -192,15 +192,13 @@ def nystrom_attention(q, k, v, mask=None, num_landmarks=64, pinv="iterative",
     q, k = scale_qk(q, k)
     q_land = segment_means(q, num_landmarks, mask if mask_landmarks else None)  # (B, H, M, D)
     k_land = segment_means(k, num_landmarks, mask if mask_landmarks else None)  # (B, H, M, D)
-    f = q @ k_land.swapaxes(-1, -2)  # (B, H, N, D) @ (B, H, D, M) -> (B, H, N, M)
+    f = softmax(q @ k_land.swapaxes(-1, -2))  # (B, H, N, D) @ (B, H, D, M) -> (B, H, N, M)
     a = softmax(q_land @ k_land.swapaxes(-1, -2))  # (B, H, M, D) @ (B, H, D, M) -> (B,H,M,M)
     r = q_land @ k.swapaxes(-1, -2)  # (B, H, M, D) @ (B, H, D, N) -> (B, H, M, N)
-    if mask is not None:
-        r += mask_bias(mask, r.dtype)
-    f, r = softmax(f, out=f), softmax(r, out=r)  # in place, as in softmax_attention
+    r = softmax(r if mask is None else r + mask_bias(mask, r.dtype))
     z = iterative_pinv(a, pinv_iterations, pinv_init) if pinv == "iterative" else exact_pinv(a)
     # (F Z)(R V), the order transformers multiplies in, so that float32 round-off matches;
-    # F (Z (R V)) would trade the N M^2 term for M^2 D, the same cost while M = D = 64.
+    # F (Z (R V)) would cost O(M^2 D + N M D) and save the N M^2 term.
     return f @ z @ (r @ v)  # (B, H, N, M) @ (B, H, M, M) @ (B, H, M, D) -> (B, H, N, D)
 
 
@@ -221,7 +219,7 @@ def depthwise_conv(v, w):
     k, block = w.shape[-1], CONV_BLOCK
     # A banded (Toeplitz) product, block by block: the outputs i < 16 of a block read its
     # padded inputs j < 16 + K - 1 through T[h, i, j] = w[h, j - i]. The plain sum of K
-    # shifted slices makes the forward 14 % slower at N = 510, 17 % at 4096 (tricks.py).
+    # shifted slices makes the forward 6 % slower at N = 510, 11 % at 4096 (tricks.py).
     blocks = -(-n // block)
     v_pad = xp.pad(v, ((0, 0), (0, 0), (k // 2, blocks * block - n + k // 2), (0, 0)))
     windows = xp.lib.stride_tricks.sliding_window_view(v_pad, block + k - 1, axis=2)
@@ -259,7 +257,7 @@ def encoder_layer(x, mask, layer, config, attention, mask_conv_input=False, **ny
                    eps=config.layer_norm_eps)
     hidden = linear(a, **layer["intermediate"]).reshape(b * n, -1)  # (B*N, I)
     # The activation in blocks of rows, whose temporaries stay in the CPU's cache: all
-    # rows at once make the forward 7 % slower at N = 510, 10 % at 4096 (tricks.py).
+    # rows at once make the forward 8 % slower at N = 510, 4 % at 4096 (tricks.py).
     rows = ACTIVATION_ROWS if xp is np else b * n
     for i in range(0, b * n, rows):
         hidden[i : i + rows] = ACTIVATIONS[config.hidden_act](hidden[i : i + rows])
