@@ -42,6 +42,14 @@ UNRENDERABLE = [
     (re.compile(r"```\{glue"), "glue directive: show the figure in the cell that makes it"),
 ]
 EVAL = re.compile(r"\{eval\}`([^`]+)`")
+# Text that shows MyST rather than being MyST: ``double-backtick`` code spans and fenced
+# code blocks (a chapter may show the syntax of an {eval} role as an example).
+LITERAL = re.compile(r"``.+?``|^```(?!\{).*?^```", re.MULTILINE | re.DOTALL)
+
+
+def prose(source: str) -> str:
+    """A Markdown cell's source without its literal code spans and code blocks."""
+    return LITERAL.sub("", source)
 
 
 def chapters_of_toc(toc_path: Path) -> list[str]:
@@ -64,7 +72,7 @@ def markdown_offenders(name: str, notebook) -> list[str]:
     for index, cell in enumerate(notebook.cells):
         if cell.cell_type != "markdown":
             continue
-        for line_number, line in enumerate(cell.source.splitlines(), start=1):
+        for line_number, line in enumerate(prose(cell.source).splitlines(), start=1):
             for pattern, why in UNRENDERABLE:
                 if pattern.search(line):
                     found.append(f"{name}: cell {index}, line {line_number}: {why}: "
@@ -80,7 +88,7 @@ def with_eval_checks(notebook):
     for cell in notebook.cells:
         checked.cells.append(cell)
         if cell.cell_type == "markdown":
-            expressions = EVAL.findall(cell.source)
+            expressions = EVAL.findall(prose(cell.source))
             if expressions:
                 count += len(expressions)
                 lines = ["# check_notebooks: the {eval} expressions of the cell above"]
