@@ -2,7 +2,8 @@
 
 Usage (after ``jupyter-book build book``)::
 
-    python tools/screenshot_book.py OUT_DIR [--html _build/html] [--width 1280] [PAGE ...]
+    python tools/screenshot_book.py OUT_DIR [--html _build/html] [--width 1280]
+                                    [--tile 2200] [PAGE ...]
 
 Writes OUT_DIR/<page>.png for every ``*.html`` page of the build that has content (the
 search page, the index and redirects are skipped), or only for the PAGEs named (e.g.
@@ -65,6 +66,17 @@ def measure_height(binary, html: Path, width: int) -> int:
     return int(match.group(1)) if match else 4000
 
 
+def tile(png: Path, size: int):
+    """Cut ``png`` into horizontal strips ``size`` pixels tall, next to it."""
+    from PIL import Image
+
+    with Image.open(png) as image:
+        width, height = image.size
+        for i, top in enumerate(range(0, height, size)):
+            image.crop((0, top, width, min(height, top + size))).save(
+                png.with_name(f"{png.stem}-{i:02d}.png"))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="folder for the PNGs")
@@ -73,6 +85,9 @@ def main(argv=None):
     parser.add_argument("--width", type=int, default=1280)
     parser.add_argument("--max-height", type=int, default=30000,
                         help="cap on the screenshot height in pixels")
+    parser.add_argument("--tile", type=int, default=0, metavar="PIXELS",
+                        help="also cut each PNG into tiles this tall (<page>-00.png, ...), "
+                        "small enough for an image viewer; needs Pillow")
     args = parser.parse_intermixed_args(argv)
     binary = chromium()
     pages = sorted(p for p in args.html.glob("*.html")
@@ -87,6 +102,8 @@ def main(argv=None):
         png = args.out / f"{html.stem}.png"
         shoot(binary, html.resolve(), png.resolve(), args.width, height + 50)
         print(f"{png}: {args.width} x {height + 50}")
+        if args.tile:
+            tile(png, args.tile)
 
 
 if __name__ == "__main__":
