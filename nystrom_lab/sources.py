@@ -209,13 +209,23 @@ def admonition(kind, title, text):
     as one typed in the page (see ``show_note``)."""
     from IPython.display import Markdown
 
-    return Markdown(f":::{{{kind}}} {title}\n{text}\n:::\n")
+    return Markdown(_admonition_markdown(kind, title, text))
+
+
+def _admonition_markdown(kind, title, text):
+    """MyST for an admonition of style ``kind`` headed ``title``.
+
+    Docutils' ``note`` and ``warning`` directives take no title: ``:::{note} Title`` makes
+    "Title" the first words of the body. The generic ``admonition`` directive takes the
+    title as its argument and the style as its class.
+    """
+    return f":::{{admonition}} {title}\n:class: {kind}\n{text}\n:::\n"
 
 
 def note_markdown(weights: Weights) -> str:
     """The MyST Markdown of ``show_note``: an admonition with a title and the note."""
     kind, title = ("note", "Pretrained weights") if weights.real else ("warning", "Random weights")
-    return f":::{{{kind}}} {title}\n{weights.note}\n:::\n"
+    return _admonition_markdown(kind, title, weights.note)
 
 
 # --------------------------------------------------------------- synthetic attention inputs
