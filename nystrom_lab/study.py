@@ -58,9 +58,9 @@ LOW_RANK = ("nystrom", "linformer", "pooled_linformer", "performer", "svd")  # r
 SEEDED = ("linformer", "performer")  # random projections / features: they take a seed
 LABELS = {
     "nystrom": "Nyström, M landmarks",
-    "linformer": "Linformer, random E, F (P = M)",
-    "pooled_linformer": "Linformer, segment means (P = M)",
-    "performer": "Performer, R = M features",
+    "linformer": "Linformer, random E, F (k = M)",
+    "pooled_linformer": "Linformer, segment means (k = M)",
+    "performer": "Performer, M features",
     "window": "sliding window, W = M",
     "svd": "truncated SVD, rank M",
 }
