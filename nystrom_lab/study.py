@@ -58,9 +58,9 @@ LOW_RANK = ("nystrom", "linformer", "pooled_linformer", "performer", "svd")  # r
 SEEDED = ("linformer", "performer")  # random projections / features: they take a seed
 LABELS = {
     "nystrom": "Nyström, M landmarks",
-    "linformer": "Linformer, random E, F (P = M)",
-    "pooled_linformer": "Linformer, segment means (P = M)",
-    "performer": "Performer, R = M features",
+    "linformer": "Linformer, random E, F (k = M)",
+    "pooled_linformer": "Linformer, segment means (k = M)",
+    "performer": "Performer, M features",
     "window": "sliding window, W = M",
     "svd": "truncated SVD, rank M",
 }
@@ -542,6 +542,56 @@ def passages(text, n_tokens, samples=1, tokenizer=None):
     rows = [[tokenizer.cls_id, *pieces[i * body : (i + 1) * body], tokenizer.sep_id]
             for i in range(samples)]
     return np.array(rows, dtype=np.int64)
+
+
+# ------------------------------------------------------------------- checkpoint files
+
+
+def write_checkpoint(model, folder, kind="safetensors"):
+    """Write ``model`` as a Hugging Face checkpoint folder: ``config.json`` and weights.
+
+    ``kind="safetensors"`` writes ``model.safetensors`` as ``save_pretrained`` does today
+    (no tied decoder keys, no ``position_ids`` buffer). ``kind="bin"`` writes the older
+    ``pytorch_model.bin`` layout of the hub file with ``torch.save`` (torch needed): the
+    tied decoder weight and bias as second names of the storages of the word embeddings
+    and of the head's bias, and the ``position_ids`` buffer. The book's whole-model chapter
+    writes both and loads them back with ``nystrom_np.checkpoint.load``.
+
+    Returns
+    -------
+    Path of the weights file
+    """
+    import json
+    from pathlib import Path
+
+    from nystrom_np.weights import to_state_dict
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    (folder / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    state = to_state_dict(model)  # NumPy arrays under transformers' names
+    if kind == "safetensors":
+        import safetensors.numpy
+
+        path = folder / "model.safetensors"
+        safetensors.numpy.save_file(state, path)
+        return path
+    if kind != "bin":
+        raise ValueError(f"kind must be 'safetensors' or 'bin', got {kind!r}.")
+    import torch
+
+    tensors = {name: torch.from_numpy(array) for name, array in state.items()}
+    prefix = f"{config.model_type}."
+    if "cls.predictions.bias" in tensors:  # the MLM head, tied to the word embeddings
+        tensors["cls.predictions.decoder.weight"] = tensors[
+            prefix + "embeddings.word_embeddings.weight"]  # the same storage
+        tensors["cls.predictions.decoder.bias"] = tensors["cls.predictions.bias"]
+    offset, n_pos = config.position_offset, config.max_position_embeddings
+    tensors[prefix + "embeddings.position_ids"] = torch.arange(offset, n_pos + offset)[None]
+    path = folder / "pytorch_model.bin"
+    torch.save(tensors, path)
+    return path
 
 
 # ------------------------------------------------------------------------------ helpers

@@ -231,3 +231,23 @@ def test_study_model_takes_a_nystromformer_checkpoint_and_its_mlm_head(tmp_path)
     assert set(res) == {"hidden", "cosine", "top1", "kl", "embedding"}
     assert np.all(res["top1"][0] == 1) and res["kl"][0].max() < 1e-10
     assert res["kl"][1].min() > 0
+
+
+# ------------------------------------------------------------------- checkpoint files
+
+
+def test_write_checkpoint_round_trips_through_the_loader(tmp_path):
+    from nystrom_np import checkpoint
+
+    config = Config(vocab_size=40, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                    intermediate_size=16, max_position_embeddings=16)
+    model = random_model(config, seed=3)
+    kinds = ["safetensors"] + (["bin"] if importlib.util.find_spec("torch") else [])
+    for kind in kinds:
+        path = st.write_checkpoint(model, tmp_path / kind, kind)
+        assert path.is_file() and (tmp_path / kind / "config.json").is_file()
+        loaded = checkpoint.load(tmp_path / kind)
+        a, b = to_state_dict(model), to_state_dict(loaded)
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="kind"):
+        st.write_checkpoint(model, tmp_path / "x", "onnx")
