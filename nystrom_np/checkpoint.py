@@ -36,6 +36,7 @@ import shutil
 import struct
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -792,31 +793,31 @@ def fetch_file(repo_id, filename, revision="main") -> Path:
     import huggingface_hub
 
     revision = revision or "main"
+    cached = huggingface_hub.try_to_load_from_cache(
+        repo_id, filename, cache_dir=hub_cache_dir(), revision=revision
+    )
+    if isinstance(cached, str):  # already there: no request, no message
+        return Path(cached)
     url = f"{hub_endpoint()}/{repo_id}/resolve/{quote(revision, safe='')}/{filename}"
-    status = _head_status(url)
+    status, size = _head(url)
     if status is None:
         raise ConnectionError(f"the hub did not answer {url} within {HUB_TIMEOUT:g} s")
     if status == 404:
         raise FileNotFoundError(f"the hub has no {url} (HTTP 404)")
     if status >= 400:
         raise ConnectionError(f"the hub answered HTTP {status} for {url}")
-    cached = huggingface_hub.try_to_load_from_cache(
-        repo_id, filename, cache_dir=hub_cache_dir(), revision=revision
-    )
-    if isinstance(cached, str):  # already there: no download, no message
-        return Path(cached)
-    # huggingface_hub draws its progress bar on a terminal only (not in a notebook kernel
-    # of a book build), so a big file also gets a line before and after.
-    loud = filename in WEIGHT_FILES
+    loud = filename in WEIGHT_FILES  # hundreds of MB: say so, and show the progress
     if loud:
         print(f"downloading {repo_id}/{filename} into {hub_cache_dir()} (once) ...",
               file=sys.stderr, flush=True)  # fmt: skip
     start = time.perf_counter()
+    blobs = hub_cache_dir() / ("models--" + repo_id.replace("/", "--")) / "blobs"
     try:
-        path = Path(huggingface_hub.hf_hub_download(
-            repo_id, filename, revision=revision, cache_dir=hub_cache_dir(),
-            endpoint=hub_endpoint(), etag_timeout=HUB_TIMEOUT,
-        ))  # fmt: skip
+        with _progress(filename, size, blobs, show=loud):
+            path = Path(huggingface_hub.hf_hub_download(
+                repo_id, filename, revision=revision, cache_dir=hub_cache_dir(),
+                endpoint=hub_endpoint(), etag_timeout=HUB_TIMEOUT,
+            ))  # fmt: skip
     except _entry_not_found() as e:
         raise FileNotFoundError(f"the hub has no {url} ({type(e).__name__})") from None
     if loud:
@@ -826,16 +827,64 @@ def fetch_file(repo_id, filename, revision="main") -> Path:
     return path
 
 
-def _head_status(url, timeout=HUB_TIMEOUT):
-    """The HTTP status a HEAD of ``url`` gets (redirects followed), or None: no answer."""
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"),
-                                    timeout=timeout) as answer:  # fmt: skip
-            return answer.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except (OSError, ValueError):  # refused, timed out, no route, a malformed HF_ENDPOINT
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A 3xx is the hub's answer (the real hub sends big files to a CDN with a 302): take
+    it as it is, rather than let urllib turn the HEAD into a GET of the CDN's copy."""
+
+    def redirect_request(self, *args, **kwargs):
         return None
+
+
+def _head(url, timeout=HUB_TIMEOUT):
+    """(HTTP status, file size or None) of a HEAD of ``url``; status None: no answer."""
+    try:
+        answer = urllib.request.build_opener(_NoRedirect).open(
+            urllib.request.Request(url, method="HEAD"), timeout=timeout
+        )
+        answer.close()
+    except urllib.error.HTTPError as e:  # 3xx (not followed) and 4xx, 5xx
+        answer = e
+    except (OSError, ValueError):  # refused, timed out, no route, a malformed HF_ENDPOINT
+        return None, None
+    size = answer.headers.get("X-Linked-Size") or answer.headers.get("Content-Length")
+    return answer.code, (int(size) if size and size.isdigit() else None)
+
+
+@contextlib.contextmanager
+def _progress(name, size, blobs, show=True):
+    """A progress bar of a download where huggingface_hub draws none.
+
+    huggingface_hub draws its bar only on a terminal; in a notebook kernel (a book build)
+    stderr is not one. There a thread follows the size of the ``*.incomplete`` file that
+    huggingface_hub writes into ``blobs`` and draws the bar (one line, redrawn each second).
+    """
+    if not show or size is None or sys.stderr.isatty():
+        yield
+        return
+    from tqdm import tqdm  # huggingface_hub's own dependency
+
+    done = threading.Event()
+
+    def follow():
+        with tqdm(total=size, desc=name, unit="B", unit_scale=True, file=sys.stderr,
+                  mininterval=1.0, disable=False) as bar:  # fmt: skip
+            while True:
+                now = sum(p.stat().st_size for p in blobs.glob("*.incomplete") if p.is_file())
+                bar.update(max(now, bar.n) - bar.n)
+                if done.wait(1.0):
+                    if finished:  # the file is complete (it was renamed: nothing to follow)
+                        bar.update(size - bar.n)
+                    return
+
+    finished = []
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    try:
+        yield
+        finished.append(True)
+    finally:
+        done.set()
+        thread.join()
 
 
 def _entry_not_found():

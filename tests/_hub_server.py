@@ -2,7 +2,9 @@
 
 It answers the URLs huggingface_hub asks for, ``/{repo}/resolve/{revision}/{file}``, with
 what it reads there: HEAD and GET, ``ETag``, ``X-Repo-Commit`` and ``Content-Length``
-(a GET also honours a ``Range: bytes=N-``, as a resumed download asks). ``mode`` makes it
+(a GET also honours a ``Range: bytes=N-``, as a resumed download asks). A ``.bin`` is
+answered as the real hub answers an LFS file: a 302 to a "CDN" URL (here, on the same
+server) with ``X-Linked-Etag`` and ``X-Linked-Size``. ``mode`` makes it
 misbehave: ``"500"`` or ``"404"`` answer every file request with that status, ``"stall"``
 answers the root (the reachability probe) but never answers a file request.
 
@@ -64,6 +66,7 @@ class HubServer:
 
 def _handler(server):
     pattern = re.compile(r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<revision>[^/]+)/(?P<name>[^?]+)")
+    cdn = re.compile(r"/cdn/x/resolve/main/(?P<repo>[^/]+/[^/]+)/(?P<name>[^?]+)")
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -79,6 +82,10 @@ def _handler(server):
 
         def answer(self, body):
             server.requests.append((self.command, self.path))
+            match = cdn.fullmatch(self.path)
+            if match is not None:  # the "CDN": serves the file itself, no redirect
+                path = server.files.get(match["repo"], {}).get(match["name"])
+                return self.send_file(path, body) if path else self.status(404)
             match = pattern.fullmatch(self.path)
             if match is None:  # the root, as the reachability probe asks for it
                 return self.status(404 if self.path != "/" else 200)
@@ -93,6 +100,17 @@ def _handler(server):
                 return self.status(404, {"X-Error-Code": "RevisionNotFound"})
             if path is None:
                 return self.status(404, {"X-Error-Code": "EntryNotFound"})
+            if path.suffix == ".bin":  # an LFS file: off to the "CDN"
+                return self.status(302, {
+                    "Location": f"{server.url}/cdn/x/resolve/main/{match['repo']}/{match['name']}",
+                    "X-Linked-Etag": f'"{server.etag(path)}"',
+                    "X-Linked-Size": str(path.stat().st_size),
+                    "X-Repo-Commit": COMMIT,
+                    "ETag": '"pointer-file-etag"',
+                })  # fmt: skip
+            self.send_file(path, body)
+
+        def send_file(self, path, body):
             size = path.stat().st_size
             start = 0
             ranged = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))

@@ -485,7 +485,7 @@ def test_download_tries_safetensors_then_the_bin(small, tmp_path, monkeypatch):
     monkeypatch.setattr(hub, "hf_hub_download", fake_download)
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(checkpoint, "hub_reachable", lambda: True)
-    monkeypatch.setattr(checkpoint, "_head_status", lambda url: 200)  # every file answers
+    monkeypatch.setattr(checkpoint, "_head", lambda url: (200, None))  # every file answers
     model = load("uw-madison/nystromformer-512", revision="v1.0")
     assert same_model(model, small.models[0])
     cache_dir = hub_cache_dir()

@@ -76,9 +76,11 @@ def test_first_build_downloads_once_into_the_cache_and_loads_from_it(
     assert weights.spiece == snapshot / "spiece.model"
     assert weights.source == str(snapshot / "pytorch_model.bin")
     assert sorted(p.rsplit("/", 1)[1] for p in gets) == sorted(FILES)  # each file once
+    assert f"/cdn/x/resolve/main/{REPO_ID}/pytorch_model.bin" in gets  # after the 302
     err = capfd.readouterr().err
     assert f"downloading {REPO_ID}/pytorch_model.bin into {clean_hub_env}" in err
     assert "downloaded 437 MB in" in err
+    assert "pytorch_model.bin: 100%" in err  # the bar, drawn here as in a notebook kernel
 
     # The server is gone: the cache alone serves load() and the next chapter.
     assert same_weights(load(REPO_ID), model)
