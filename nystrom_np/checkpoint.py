@@ -790,7 +790,10 @@ def fetch_file(repo_id, filename, revision="main") -> Path:
     ConnectionError : any other error status, or no answer within ``HUB_TIMEOUT`` seconds
     ImportError : huggingface_hub is not installed
     """
-    import huggingface_hub
+    with warnings.catch_warnings():  # tqdm.auto's advice to install ipywidgets, in a kernel
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        import huggingface_hub
+        import huggingface_hub.file_download  # noqa: F401  (the import that warns)
 
     revision = revision or "main"
     cached = huggingface_hub.try_to_load_from_cache(
