@@ -85,13 +85,13 @@ def run_fill_mask(args) -> int:
     except FileNotFoundError as e:
         print(f"error: {e}\n{FILL_MASK_HINT}", file=sys.stderr)
         return 1
-    print(f"{describe_attention(model.config, args.attention, args.landmarks)}; "
-          f"at most {model.config.max_position_embeddings} tokens", file=sys.stderr)
     texts = args.texts[0] if len(args.texts) == 1 else args.texts
     results = fill_mask(
         texts, args.top_k, model=model, tokenizer=tokenizer, attention=args.attention,
         num_landmarks=args.landmarks,
     )
+    print(f"{describe_attention(model.config, args.attention, args.landmarks)}; "
+          f"at most {model.config.max_position_embeddings} tokens", file=sys.stderr)
     if args.json:  # strict JSON: a NaN score (fill_mask has warned) is written null
         print(json.dumps(_finite(results), indent=2, ensure_ascii=False, allow_nan=False))
         return 0
