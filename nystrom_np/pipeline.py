@@ -62,7 +62,7 @@ def describe_attention(config, attention="hf", num_landmarks=None) -> str:
         why = (
             " (transformers' rule: num_landmarks == segment_means_seq_len, true for every "
             "uw-madison checkpoint)"
-            if attention == "hf" else ""
+            if attention == "hf" and config.model_type == "nystromformer" else ""
         )
         return f"attention: exact softmax, O(N^2) in time and memory{why}"
     if attention == "hf":
