@@ -176,6 +176,7 @@ def masked_predictions(model, ids, positions, targets, method, budget=None, seed
     """
     log_exact = masked_log_probs(model, ids, positions) if exact is None else exact
     log_method = masked_log_probs(model, ids, positions, method, budget, seed)
+    log_exact, log_method = log_exact.astype(np.float64), log_method.astype(np.float64)  # KL
     truth = np.asarray(targets)[np.asarray(positions)]  # (K,)
     best_exact, best = log_exact.argmax(-1), log_method.argmax(-1)  # (K,)
     top5_exact = np.argsort(-log_exact, axis=-1)[:, :5]  # (K, 5)
