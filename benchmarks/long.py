@@ -1,28 +1,28 @@
-"""Long inputs: the full model with Nystrom attention against exact attention, N = 4096.
+"""Long inputs: the whole nystromformer-4096 model at N = 4096, exact against Nystrom.
 
-A config with 4096 positions (as the ``uw-madison/nystromformer-4096`` sibling has;
-otherwise the real config: 12 layers, C = 768, V = 30000), random float32 weights, one
+The config of ``uw-madison/nystromformer-4096`` (12 layers, C = 768, V = 30000, 4096
+positions, num_landmarks = segment_means_seq_len = 64), random float32 weights, one
 sequence of N = 4096 tokens, masked-LM logits at every position. Side by side in one run
-(alternating, warm-up first, median of ``--repeats`` rounds, the same thread count):
+(alternating, warm-up first, median of ``--repeats`` rounds, the same thread count), with
+the peak memory of each in a fresh process:
 
 - ``nystrom``: nystrom_np, ``attention="nystrom"``, M = 64 landmarks, 6 iterations of the
-  pseudo-inverse (the paper's method);
-- ``exact``: nystrom_np, ``attention="exact"``: softmax attention with its N x N scores;
-- ``transformers landmark``: transformers' own landmark path, which runs only when the
-  config has ``segment_means_seq_len = N`` (here 4096) and ``num_landmarks = 64``;
-- with ``--torch-exact``, also transformers with exact attention (its config then has
-  ``num_landmarks = segment_means_seq_len``, the rule that selects exact attention);
+  pseudo-inverse: the method the model was trained with, O(N);
+- ``exact``: nystrom_np, ``attention="exact"`` (= the default ``"hf"`` for this config):
+  softmax attention with its N x N scores;
+- ``transformers``: transformers' ``NystromformerForMaskedLM`` on the same config, which is
+  what it runs for this checkpoint: exact attention (num_landmarks = segment_means_seq_len);
+- with ``--torch-landmark``, also transformers' own landmark path, which runs only when the
+  config says ``segment_means_seq_len = N`` (a modified config: 4096);
 - ``nystrom products``: the matrix products of the ``nystrom`` forward alone, same shapes,
-  back to back (``_common.products``): its time if element-wise work cost nothing. Next
-  to transformers' landmark path it shows how much time the rest of our forward may take
-  for nystrom_np to be the faster one.
+  back to back (``_common.products``): its time if element-wise work cost nothing.
 
 The MLM head and the feed-forward layers cost the same in every mode, so the whole-model
 ratio is smaller than the attention-only one; the table gives the FLOP counts of both
 modes to show how much of the gap attention can explain.
 
 Usage: ``python benchmarks/long.py [--threads 2] [--repeats 3] [--length 4096]
-[--landmarks 64] [--torch-exact] [--no-memory]``. Prints a table, then one JSON line.
+[--landmarks 64] [--torch-landmark] [--no-memory]``. Prints a table, then one JSON line.
 """
 
 from _common import (
@@ -46,14 +46,16 @@ def main(argv=None) -> dict:
     parser = arguments(__doc__.splitlines()[0], repeats=3)
     parser.add_argument("--length", type=int, default=None, help="N (default 4096)")
     parser.add_argument("--landmarks", type=int, default=None, help="M (default 64)")
-    parser.add_argument("--torch-exact", action="store_true",
-                        help="also time transformers with exact attention (slow)")
+    parser.add_argument("--torch-landmark", action="store_true",
+                        help="also time transformers' landmark path (config modified so that "
+                        "segment_means_seq_len = N)")
     args = parser.parse_args(argv)
     n = args.length or (32 if args.tiny else 4096)
     m = args.landmarks or (4 if args.tiny else 64)
-    # transformers' landmark path needs segment_means_seq_len = N (it reshapes by that value)
-    config = config_dict(args.tiny, max_position_embeddings=n, segment_means_seq_len=n,
-                         num_landmarks=m)
+    # nystromformer-4096's config: num_landmarks = segment_means_seq_len, so exact by default
+    positions = n if args.tiny else max(n, 4096)
+    config = config_dict(args.tiny, max_position_embeddings=positions,
+                         segment_means_seq_len=m, num_landmarks=m)
     torch = has_torch()
     base = dict(config=config, batch=1, length=n, threads=args.threads)
     specs = {
@@ -61,10 +63,11 @@ def main(argv=None) -> dict:
         "exact": {**base, "side": "nystrom_np", "options": {"attention": "exact"}},
     }
     if torch:
-        specs["transformers landmark"] = {**base, "side": "transformers"}
-        if args.torch_exact:
-            exact_config = {**config, "num_landmarks": n}  # = segment_means_seq_len: exact
-            specs["transformers exact"] = {**base, "config": exact_config, "side": "transformers"}
+        specs["transformers"] = {**base, "side": "transformers"}  # exact, as for the hub model
+        if args.torch_landmark:  # its landmark path reshapes by segment_means_seq_len = N
+            landmark_config = {**config, "segment_means_seq_len": n}
+            specs["transformers landmark"] = {**base, "config": landmark_config,
+                                              "side": "transformers"}
     else:
         print("transformers is not installed: timing nystrom_np's two modes only")
 
@@ -91,7 +94,7 @@ def main(argv=None) -> dict:
 
     info = header(f"Full model (masked-LM logits at every position), float32, B = 1, N = {n}, "
                   f"M = {m}, "
-                  f"{'TINY config' if args.tiny else 'the real config with 4096 positions'}; "
+                  f"{'TINY config' if args.tiny else 'config of uw-madison/nystromformer-4096'}; "
                   f"median of {args.repeats} alternating runs", args.threads)
     print(table(rows, [
         ("", "name", "{}"),
@@ -109,6 +112,10 @@ def main(argv=None) -> dict:
     products_ms = times["nystrom products"]["median_ms"]
     print(f"nystrom products: the nystrom forward's matrix products alone take {products_ms:.0f} "
           f"ms; the rest of it (element-wise work) {nystrom_ms - products_ms:.0f} ms")
+    if "transformers" in times:
+        torch_ms = times["transformers"]["median_ms"]
+        print(f"transformers runs nystromformer-4096 with exact attention: {torch_ms:.0f} ms; "
+              f"nystrom_np's nystrom mode is {torch_ms / nystrom_ms:.2f}x faster than that")
     if "transformers landmark" in times:
         room = times["transformers landmark"]["median_ms"] - products_ms
         print(f"to be faster than transformers' landmark path, that rest would have to take "

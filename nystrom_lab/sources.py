@@ -10,7 +10,8 @@ The real checkpoint is looked for, in order, at
 1. a path passed by the caller,
 2. the environment variable ``NYSTROM_NP_CHECKPOINT`` (a folder or a weights file),
 3. the Hugging Face cache (``HF_HUB_CACHE`` / ``HF_HOME`` / ``~/.cache/huggingface``),
-4. the hub itself, when ``huggingface_hub`` is installed and huggingface.co answers.
+4. the hub itself (``HF_ENDPOINT``, by default huggingface.co) when it answers: the files
+   are downloaded once into that cache, with a progress bar, and found there next time.
 
 Finding and reading the files is ``nystrom_np.checkpoint``'s job; this module only decides
 what to do when that fails. A path the user named (1, 2) that cannot be loaded is an error:
@@ -90,7 +91,9 @@ def resolve_weights(
             return _load(REPO_ID, dtype, device)
     except FileNotFoundError as e:  # not there: the normal offline case
         if online:
-            why = f"it is not in the Hugging Face cache and the download failed ({_first_line(e)})"
+            reason = getattr(e, "reason", None) or _first_line(e)
+            why = ("it is not in the Hugging Face cache and the download failed "
+                   f"({reason.removeprefix('download failed: ')})")
         elif download:
             why = "it is not in the Hugging Face cache and huggingface.co is unreachable"
         else:
@@ -174,22 +177,13 @@ def _hub_offline(offline: bool):
 
 
 def _fetch_spiece():
-    """``spiece.model`` of the hub checkpoint, from the cache or (when online) the hub."""
-    try:
-        import huggingface_hub
-    except ImportError:
+    """``spiece.model`` of the hub checkpoint, fetched into its cache snapshot when online."""
+    if not checkpoint.hub_reachable():
         return None
     try:
-        cached = huggingface_hub.try_to_load_from_cache(REPO_ID, "spiece.model")
-        if isinstance(cached, str):
-            return Path(cached)
-        from nystrom_np.checkpoint import hub_reachable
-
-        if hub_reachable():
-            return Path(huggingface_hub.hf_hub_download(REPO_ID, "spiece.model"))
-    except Exception:  # a missing tokenizer is reported in the note, not raised
+        return checkpoint.fetch_file(REPO_ID, "spiece.model")
+    except (OSError, ImportError):  # a missing tokenizer is reported in the note, not raised
         return None
-    return None
 
 
 def show_note(weights: Weights):

@@ -46,7 +46,7 @@ RANDOM_BANNER = (
 def run_fill_mask(args) -> int:
     from .checkpoint import load
     from .config import Config
-    from .pipeline import encode_masked, fill_mask, format_table
+    from .pipeline import describe_attention, encode_masked, fill_mask, format_table
     from .tokenizer import Tokenizer, load_tokenizer
     from .weights import random_model
 
@@ -71,8 +71,11 @@ def run_fill_mask(args) -> int:
         else:
             print(f"error: {e}\n{FILL_MASK_HINT}", file=sys.stderr)
         return 1
+    # The checkpoint's tokenizer knows its position table; a --tokenizer file alone does not
+    # (the model checks the length once it is loaded).
+    limit = sys.maxsize if args.tokenizer else tokenizer.max_length
     for text in args.texts:
-        encode_masked(tokenizer, text, tokenizer.max_length)
+        encode_masked(tokenizer, text, limit)
     try:
         if args.random_weights:
             print(RANDOM_BANNER.format(seed=args.seed), file=sys.stderr)
@@ -87,6 +90,8 @@ def run_fill_mask(args) -> int:
         texts, args.top_k, model=model, tokenizer=tokenizer, attention=args.attention,
         num_landmarks=args.landmarks,
     )
+    print(f"{describe_attention(model.config, args.attention, args.landmarks)}; "
+          f"at most {model.config.max_position_embeddings} tokens", file=sys.stderr)
     if args.json:  # strict JSON: a NaN score (fill_mask has warned) is written null
         print(json.dumps(_finite(results), indent=2, ensure_ascii=False, allow_nan=False))
         return 0
@@ -136,16 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
     fill.add_argument("texts", nargs="+", metavar="TEXT", help="text with one or more [MASK]")
     fill.add_argument(
         "--checkpoint", default=REPO_ID,
-        help="checkpoint folder or hub id (default: %(default)s: the local cache, else a "
-        "download when huggingface_hub and a network are there)",
+        help="checkpoint folder or hub id, e.g. uw-madison/nystromformer-4096 (default: "
+        "%(default)s; hub ids: the local cache, else a download where the hub answers)",
     )
     fill.add_argument("--revision", help="hub ids: branch, tag, refs/pr/N or commit")
     fill.add_argument("--tokenizer", help="spiece.model to use (default: the checkpoint's)")
     fill.add_argument("--top-k", type=int, default=5, help="predictions per mask (%(default)s)")
     fill.add_argument(
         "--attention", choices=["hf", "exact", "nystrom"], default="hf",
-        help="hf: as transformers runs the checkpoint (exact for nystromformer-512); "
-        "nystrom: the paper's landmark method (default: %(default)s)",
+        help="hf (default): what transformers runs, which for all four uw-madison "
+        "checkpoints is exact O(N^2) softmax attention; exact: the same, whatever the config; "
+        "nystrom: the paper's landmark method, as the models were trained (M = the config's "
+        "num_landmarks, 64; O(N))",
     )
     fill.add_argument("--landmarks", type=int, help="landmarks M for --attention nystrom")
     fill.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="gpu needs CuPy")

@@ -15,13 +15,15 @@ Files (as on the hub and as transformers writes them):
 A source is a directory, a weights file (plus a config), or a hub id such as
 ``uw-madison/nystromformer-512``, found in the Hugging Face cache
 (``<cache>/models--org--name/snapshots/<commit>/``, ``refs/<revision>`` naming the commit)
-or downloaded with ``huggingface_hub`` when it is installed.
+or downloaded into that cache with ``huggingface_hub`` when the hub answers.
 
 Every problem with a file is a ``CheckpointError`` (a ``ValueError``) naming the file and
 what is wrong; nothing is built from a file that failed a check.
 """
 
 import collections
+import contextlib
+import importlib.util
 import io
 import json
 import mmap
@@ -32,7 +34,10 @@ import re
 import shlex
 import shutil
 import struct
+import sys
 import tempfile
+import threading
+import time
 import urllib.error
 import urllib.request
 import warnings
@@ -726,47 +731,35 @@ def hub_reachable(timeout=HUB_TIMEOUT) -> bool:
 
 
 def _download(repo_id, revision, source_path):
-    """Fetch config.json and one weights file with huggingface_hub, or explain how to."""
+    """Fetch config.json, one weights file and spiece.model into the cache, or explain how."""
     why = None
     if _offline():
         why = "HF_HUB_OFFLINE is set, so nothing was downloaded"
-    else:
-        try:
-            import huggingface_hub
-        except ImportError:
-            why = "huggingface_hub is not installed, so nothing was downloaded"
-    if why is None and not hub_reachable():
+    elif importlib.util.find_spec("huggingface_hub") is None:
+        why = "huggingface_hub is not installed, so nothing was downloaded"
+    elif not hub_reachable():
         why = (
             f"the hub ({hub_endpoint()}) did not answer within {HUB_TIMEOUT:g} s (no network, "
             "or a server that does not respond), so nothing was downloaded"
         )
-    if why is None:
+    else:
         try:
-            from huggingface_hub.errors import EntryNotFoundError
-        except ImportError:  # huggingface_hub < 0.23
-            from huggingface_hub.utils import EntryNotFoundError
-
-        def fetch(filename):
-            return Path(
-                huggingface_hub.hf_hub_download(
-                    repo_id, filename, revision=revision, cache_dir=hub_cache_dir(),
-                    endpoint=hub_endpoint(), etag_timeout=HUB_TIMEOUT,
-                )
-            )
-
-        try:
-            config = fetch("config.json")
+            config = fetch_file(repo_id, "config.json", revision)
             for name in WEIGHT_FILES:
                 try:
-                    return config, fetch(name)
-                except EntryNotFoundError as e:  # no such file in the repo: try the next
-                    why = f"download failed: {type(e).__name__}: {e}"
-        except Exception as e:  # no network, unknown repo, gated repo, ...
+                    weights = fetch_file(repo_id, name, revision)
+                except FileNotFoundError as e:  # no such file in the repo: try the next
+                    why = f"download failed: {e}"
+                    continue
+                with contextlib.suppress(OSError):  # the tokenizer, where the repo has one
+                    fetch_file(repo_id, "spiece.model", revision)
+                return config, weights
+        except Exception as e:  # an error status, a stall, a gated repo, a full disk, ...
             why = f"download failed: {type(e).__name__}: {str(e)[:300]}"
     name = shlex.quote(repo_id.split("/")[-1])  # every word of a command we print is quoted
     rev = "" if revision == "main" else f" --revision {shlex.quote(revision)}"
     url = f"https://huggingface.co/{repo_id}/resolve/{quote(revision, safe='')}"
-    raise FileNotFoundError(
+    error = FileNotFoundError(
         f"cannot find the checkpoint {repo_id!r} (revision {revision!r}):\n"
         f"  - there is no local file or folder {source_path}\n"
         f"  - the Hugging Face cache {hub_cache_dir()} has no snapshot of it with config.json "
@@ -780,6 +773,129 @@ def _download(repo_id, revision, source_path):
         f"and load that folder: nystrom_np.load({repo_id.split('/')[-1]!r}). Copied into this "
         "machine's cache (huggingface-cli without --local-dir), the hub id works as it is."
     )
+    error.reason = why  # the one line that says why, for callers that fall back
+    raise error
+
+
+def fetch_file(repo_id, filename, revision="main") -> Path:
+    """One file of a hub repo, downloaded into the Hugging Face cache (once) with a progress bar.
+
+    huggingface_hub retries a server that answers 5xx or stalls for about a minute, so the
+    file's URL is asked first, with a HEAD of ``HUB_TIMEOUT`` seconds: only a server that
+    answers it with a success gets the download.
+
+    Raises
+    ------
+    FileNotFoundError : the hub answered 404 (the repo or revision has no such file)
+    ConnectionError : any other error status, or no answer within ``HUB_TIMEOUT`` seconds
+    ImportError : huggingface_hub is not installed
+    """
+    with warnings.catch_warnings():  # tqdm.auto's advice to install ipywidgets, in a kernel
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        import huggingface_hub
+        import huggingface_hub.file_download  # noqa: F401  (the import that warns)
+
+    revision = revision or "main"
+    cached = huggingface_hub.try_to_load_from_cache(
+        repo_id, filename, cache_dir=hub_cache_dir(), revision=revision
+    )
+    if isinstance(cached, str):  # already there: no request, no message
+        return Path(cached)
+    url = f"{hub_endpoint()}/{repo_id}/resolve/{quote(revision, safe='')}/{filename}"
+    status, size = _head(url)
+    if status is None:
+        raise ConnectionError(f"the hub did not answer {url} within {HUB_TIMEOUT:g} s")
+    if status == 404:
+        raise FileNotFoundError(f"the hub has no {url} (HTTP 404)")
+    if status >= 400:
+        raise ConnectionError(f"the hub answered HTTP {status} for {url}")
+    loud = filename in WEIGHT_FILES  # hundreds of MB: say so, and show the progress
+    if loud:
+        print(f"downloading {repo_id}/{filename} into {hub_cache_dir()} (once) ...",
+              file=sys.stderr, flush=True)  # fmt: skip
+    start = time.perf_counter()
+    blobs = hub_cache_dir() / ("models--" + repo_id.replace("/", "--")) / "blobs"
+    try:
+        with _progress(filename, size, blobs, show=loud):
+            path = Path(huggingface_hub.hf_hub_download(
+                repo_id, filename, revision=revision, cache_dir=hub_cache_dir(),
+                endpoint=hub_endpoint(), etag_timeout=HUB_TIMEOUT,
+            ))  # fmt: skip
+    except _entry_not_found() as e:
+        raise FileNotFoundError(f"the hub has no {url} ({type(e).__name__})") from None
+    if loud:
+        took = time.perf_counter() - start
+        print(f"downloaded {path.stat().st_size / 1e6:.0f} MB in {took:.0f} s: {path}",
+              file=sys.stderr, flush=True)  # fmt: skip
+    return path
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A 3xx is the hub's answer (the real hub sends big files to a CDN with a 302): take
+    it as it is, rather than let urllib turn the HEAD into a GET of the CDN's copy."""
+
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+def _head(url, timeout=HUB_TIMEOUT):
+    """(HTTP status, file size or None) of a HEAD of ``url``; status None: no answer."""
+    try:
+        answer = urllib.request.build_opener(_NoRedirect).open(
+            urllib.request.Request(url, method="HEAD"), timeout=timeout
+        )
+        answer.close()
+    except urllib.error.HTTPError as e:  # 3xx (not followed) and 4xx, 5xx
+        answer = e
+    except (OSError, ValueError):  # refused, timed out, no route, a malformed HF_ENDPOINT
+        return None, None
+    size = answer.headers.get("X-Linked-Size") or answer.headers.get("Content-Length")
+    return answer.code, (int(size) if size and size.isdigit() else None)
+
+
+@contextlib.contextmanager
+def _progress(name, size, blobs, show=True):
+    """A progress bar of a download where huggingface_hub draws none.
+
+    huggingface_hub draws its bar only on a terminal; in a notebook kernel (a book build)
+    stderr is not one. There a thread follows the size of the ``*.incomplete`` file that
+    huggingface_hub writes into ``blobs`` and draws the bar (one line, redrawn each second).
+    """
+    if not show or size is None or sys.stderr.isatty():
+        yield
+        return
+    from tqdm import tqdm  # huggingface_hub's own dependency
+
+    done = threading.Event()
+
+    def follow():
+        with tqdm(total=size, desc=name, unit="B", unit_scale=True, file=sys.stderr,
+                  mininterval=1.0, disable=False) as bar:  # fmt: skip
+            while True:
+                now = sum(p.stat().st_size for p in blobs.glob("*.incomplete") if p.is_file())
+                bar.update(max(now, bar.n) - bar.n)
+                if done.wait(1.0):
+                    if finished:  # the file is complete (it was renamed: nothing to follow)
+                        bar.update(size - bar.n)
+                    return
+
+    finished = []
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    try:
+        yield
+        finished.append(True)
+    finally:
+        done.set()
+        thread.join()
+
+
+def _entry_not_found():
+    try:
+        from huggingface_hub.errors import EntryNotFoundError
+    except ImportError:  # huggingface_hub < 0.23
+        from huggingface_hub.utils import EntryNotFoundError
+    return EntryNotFoundError
 
 
 # --------------------------------------------------------------------------- loading

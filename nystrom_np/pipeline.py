@@ -22,6 +22,7 @@ unwraps a list of one text into that text's result.
 """
 
 import functools
+import os
 import re
 import sys
 import warnings
@@ -30,26 +31,50 @@ import numpy as np
 
 from .backend import to_numpy
 from .checkpoint import REPO_ID
-from .model import encode, mlm_head, softmax
+from .model import encode, hf_rule, mlm_head, softmax
 
 # Forms people write for a mask that this tokenizer reads as plain text.
 _MASK_LOOKALIKE = re.compile(r"\[mask\]|<mask>", re.IGNORECASE)
 
 
-@functools.lru_cache(maxsize=1)
-def default_model():
-    """The real checkpoint, loaded once (``nystrom_np.checkpoint.load``)."""
+@functools.lru_cache(maxsize=2)
+def default_model(source=REPO_ID):
+    """A checkpoint (hub id or folder), loaded once (``nystrom_np.checkpoint.load``)."""
     from .checkpoint import load
 
-    return load(REPO_ID)
+    return load(source)
 
 
-@functools.lru_cache(maxsize=1)
-def default_tokenizer():
-    """The real checkpoint's tokenizer, loaded once (its ``spiece.model``)."""
+@functools.lru_cache(maxsize=2)
+def default_tokenizer(source=REPO_ID):
+    """A checkpoint's tokenizer (its ``spiece.model``), loaded once; its length limit is
+    the checkpoint's ``max_position_embeddings``."""
     from .tokenizer import load_tokenizer
 
-    return load_tokenizer(REPO_ID)
+    return load_tokenizer(source)
+
+
+def describe_attention(config, attention="hf", num_landmarks=None) -> str:
+    """One plain sentence: which attention ``attention=`` runs for this config, and its cost."""
+    if attention == "exact" or (
+        attention == "hf" and hf_rule(config, config.segment_means_seq_len)["attention"] == "exact"
+    ):
+        why = (
+            " (transformers' rule: num_landmarks == segment_means_seq_len, true for every "
+            "uw-madison checkpoint)"
+            if attention == "hf" and config.model_type == "nystromformer" else ""
+        )
+        return f"attention: exact softmax, O(N^2) in time and memory{why}"
+    if attention == "hf":
+        return (
+            f"attention: transformers' landmark path, M = {config.num_landmarks}, only at "
+            f"N = {config.segment_means_seq_len}"
+        )
+    m = config.num_landmarks if num_landmarks is None else num_landmarks
+    return (
+        f"attention: Nystrom, M = {m} landmarks, 6 pseudo-inverse iterations, O(N) "
+        "(the paper's method, as the uw-madison models were trained)"
+    )
 
 
 def fill_mask(
@@ -68,11 +93,16 @@ def fill_mask(
     ----------
     text_or_texts : a str, or a list of str; each holds at least one ``[MASK]``
     top_k : predictions per mask, 1 to V
-    model : a ``Model`` with an MLM head, on any device (default: the real checkpoint,
-        ``uw-madison/nystromformer-512``, from the Hugging Face cache, else downloaded when
-        huggingface_hub and a network are there)
-    tokenizer : a ``Tokenizer`` (default: the same checkpoint's ``spiece.model``)
-    attention, num_landmarks : as for ``nystrom_np.model.encode``
+    model : a ``Model`` with an MLM head, on any device, or a checkpoint to load: a hub id
+        (``uw-madison/nystromformer-1024``, ``-2048``, ``-4096``, ...) or a folder (default:
+        ``uw-madison/nystromformer-512``; hub ids come from the Hugging Face cache, else are
+        downloaded where the hub answers)
+    tokenizer : a ``Tokenizer`` (default: that checkpoint's ``spiece.model``, or the 512
+        checkpoint's for a ``Model``)
+    attention, num_landmarks : as for ``nystrom_np.model.encode``. The default ``"hf"`` runs
+        what transformers runs: exact O(N^2) softmax attention for all four uw-madison
+        checkpoints. ``"nystrom"`` runs them as they were trained: M = 64 landmarks (the
+        config's), O(N), any length up to the position table (``describe_attention``)
     batch_size : texts of equal length run together, at most this many at a time
 
     Returns
@@ -92,7 +122,10 @@ def fill_mask(
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"texts must be str, got {type(text).__name__} at position {i}.")
-    model = default_model() if model is None else model
+    source = REPO_ID if model is None else model
+    if isinstance(source, (str, os.PathLike)):
+        model = default_model(os.fspath(source))
+        tokenizer = default_tokenizer(os.fspath(source)) if tokenizer is None else tokenizer
     tokenizer = default_tokenizer() if tokenizer is None else tokenizer
     vocab = model.config.vocab_size
     if len(tokenizer) != vocab:

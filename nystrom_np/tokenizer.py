@@ -40,13 +40,11 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import (
-    HUB_TIMEOUT,
     REPO_ID,
     TOKENIZER_LIMIT,
     WEIGHT_FILES,
+    fetch_file,
     find_checkpoint,
-    hub_cache_dir,
-    hub_endpoint,
     hub_reachable,
 )
 from .config import read_json
@@ -388,14 +386,9 @@ def load_tokenizer(source=REPO_ID, *, revision=None) -> Tokenizer:
     _, weights = find_checkpoint(source, revision=revision)
     directory = weights.parent
     if not (directory / MODEL_FILE).is_file() and hub_reachable():
-        try:
-            import huggingface_hub
-
-            huggingface_hub.hf_hub_download(
-                source, MODEL_FILE, revision=revision, cache_dir=hub_cache_dir(),
-                endpoint=hub_endpoint(), etag_timeout=HUB_TIMEOUT,
-            )
-        except Exception:  # no huggingface_hub, no network: the message below says what to do
+        try:  # into the cache's snapshot, next to the weights
+            fetch_file(str(source), MODEL_FILE, revision)
+        except (OSError, ImportError):  # no file, no network: the message below says what to do
             pass
     if not (directory / MODEL_FILE).is_file():
         raise FileNotFoundError(

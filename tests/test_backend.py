@@ -20,7 +20,7 @@ DTYPE_HELPERS = {"dtype", "float16", "float32", "float64", "int32", "int64", "in
 # Modules that are host-side by nature (files, tokenizer, command line, figures), and the
 # measurement layer, which runs the methods on any backend but hands NumPy results back.
 HOST_MODULES = {"checkpoint.py", "tokenizer.py", "__main__.py", "sources.py", "pretrained.py",
-                "plotting.py", "study.py", "timing.py"}
+                "plotting.py", "study.py", "timing.py", "predictions.py"}
 # Functions whose array arguments are host arrays by definition: state dicts read from
 # files, token ids straight from the tokenizer, and the copy back to the host.
 HOST_FUNCTIONS = {"from_state_dict", "_check_tied", "to_numpy", "_top_k"}

@@ -91,8 +91,22 @@ def test_long_script(capsys):
     assert last_json_line(capsys)["benchmark"] == "long"
     names = [row["name"] for row in result["results"]]
     assert names[:2] == ["nystrom", "exact"] and names[-1] == "nystrom products"
+    if load_script("_common").has_torch():  # transformers as it runs the 4096 model: exact
+        assert names[2] == "transformers"
     assert result["results"][0]["time_vs_nystrom"] == 1
     assert result["flops"]["exact"]["attention"] > 0
+
+
+def test_long_script_memory_and_landmark_path(capsys):
+    """Peak memory of every side, and transformers' landmark path on its modified config."""
+    needs_torch()
+    result = load_script("long").main(["--tiny", "--repeats", "1", "--torch-landmark"])
+    rows = {row["name"]: row for row in result["results"]}
+    assert list(rows) == ["nystrom", "exact", "transformers", "transformers landmark",
+                          "nystrom products"]  # fmt: skip
+    for name in ("nystrom", "exact", "transformers", "transformers landmark"):
+        assert rows[name]["peak_mb"] >= 0 and rows[name]["median_ms"] > 0
+    assert "transformers runs nystromformer-4096 with exact attention" in capsys.readouterr().out
 
 
 def test_fill_mask_script(capsys):

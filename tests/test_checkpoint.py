@@ -485,12 +485,13 @@ def test_download_tries_safetensors_then_the_bin(small, tmp_path, monkeypatch):
     monkeypatch.setattr(hub, "hf_hub_download", fake_download)
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(checkpoint, "hub_reachable", lambda: True)
+    monkeypatch.setattr(checkpoint, "_head", lambda url: (200, None))  # every file answers
     model = load("uw-madison/nystromformer-512", revision="v1.0")
     assert same_model(model, small.models[0])
     cache_dir = hub_cache_dir()
-    assert calls == [
+    assert calls == [  # the tokenizer comes along with the weights
         ("uw-madison/nystromformer-512", name, "v1.0", cache_dir)
-        for name in ("config.json", "model.safetensors", "pytorch_model.bin")
+        for name in ("config.json", "model.safetensors", "pytorch_model.bin", "spiece.model")
     ]
 
 
