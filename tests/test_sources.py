@@ -188,10 +188,12 @@ def test_a_broken_cached_checkpoint_is_an_error(loader, offline, tmp_path):
 def test_note_is_a_myst_admonition(loader, offline, tmp_path):
     random_w = sources.resolve_weights(fallback_config=TINY)
     text = sources.note_markdown(random_w)
-    assert text.startswith(":::{admonition} Random weights\n:class: warning\n") and text.endswith("\n:::\n")
+    assert text.startswith(":::{admonition} Random weights\n:class: warning\n")
+    assert text.endswith("\n:::\n")
     assert random_w.note in text
     real_w = sources.resolve_weights(save_checkpoint(tmp_path / "c", random_model(TINY)))
-    assert sources.note_markdown(real_w).startswith(":::{admonition} Pretrained weights\n:class: note\n")
+    real_note = sources.note_markdown(real_w)
+    assert real_note.startswith(":::{admonition} Pretrained weights\n:class: note\n")
     display = pytest.importorskip("IPython.display")
     shown = sources.show_note(real_w)
     assert isinstance(shown, display.Markdown) and shown.data == sources.note_markdown(real_w)
