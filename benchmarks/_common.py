@@ -261,7 +261,7 @@ def forward_flops(config: dict, batch: int, length: int, attention: str = "exact
             means
             + 2 * n * m * d + 2 * m * m * d + 2 * m * n * d  # the three kernels' scores
             + iterations * 4 * 2 * m**3  # pseudo-inverse: four M x M products per step
-            + 2 * n * m * m + 2 * m * n * d + 2 * n * m * d  # (F Z) (Bk V)
+            + 2 * n * m * m + 2 * m * n * d + 2 * n * m * d  # (F Z) (R V)
         )
     head_rows = rows if head_rows is None else head_rows
     return {
@@ -283,7 +283,7 @@ def products(config: dict, batch: int, length: int, attention: str = "exact",
     ``forward_flops`` counts) on random float32 arrays, back to back with nothing in
     between: the fused q/k/v product, the attention products of ``attention`` (exact: q k^T
     and p v; nystrom: the three kernels' scores, four M x M products per pseudo-inverse
-    step, (F Z) (Bk V), and the segment means' (M, N) products when M does not divide N),
+    step, (F Z) (R V), and the segment means' (M, N) products when M does not divide N),
     the conv skip's banded (Toeplitz) product, the output, feed-forward and head products
     (the head on ``head_rows`` rows, default all B * N, as ``forward_flops``). Its time is
     what the forward would take if element-wise work cost nothing.
@@ -322,7 +322,7 @@ def products(config: dict, batch: int, length: int, attention: str = "exact",
             if n % m:  # uneven segments: the means are (M, N) products
                 segment_weights @ q  # (B, 1, M, N) @ (B, H, N, D)
                 segment_weights @ kk
-            land @ kk.swapaxes(-1, -2)  # Bk's scores, (B, H, M, D) @ (B, H, D, N)
+            land @ kk.swapaxes(-1, -2)  # R's scores, (B, H, M, D) @ (B, H, D, N)
             bv = bk @ vv  # (B, H, M, N) @ (B, H, N, D)
             land @ land.swapaxes(-1, -2)  # A's scores, (B, H, M, D) @ (B, H, D, M)
             for _ in range(iterations):  # the pseudo-inverse: four M x M products a step

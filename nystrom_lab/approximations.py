@@ -329,7 +329,7 @@ def attention_matrix(attention, q, k, mask=None, *args, **kwargs):
 
 
 def nystrom_matrix(q, k, mask=None, num_landmarks=64, **options):
-    """Nystrom's F Z Bk (eq. 15), (B, H, N, N); options as ``nystrom_attention``."""
+    """Nystrom's F Z R (eq. 15), (B, H, N, N); options as ``nystrom_attention``."""
     return attention_matrix(nystrom_attention, q, k, mask, num_landmarks, **options)
 
 
@@ -351,7 +351,7 @@ def window_matrix(q, k, mask=None, width=128, **options):
 def svd_matrix(q, k, mask=None, rank=64):
     """The best rank-M approximation of the softmax matrix: its truncated SVD.
 
-    By the Eckart-Young theorem (1936) no matrix of rank at most M (Nystrom's F Z Bk with M
+    By the Eckart-Young theorem (1936) no matrix of rank at most M (Nystrom's F Z R with M
     landmarks, Linformer's with P = M, ...) is closer to P in Frobenius (or spectral) norm:
     the floor for every low-rank method's *matrix* error (not a floor for output errors).
     It forms the N x N matrix and takes its O(N^3) SVD by design: a yardstick, not a method.

@@ -17,7 +17,7 @@ What ``errors`` measures, for one layer's real q, k, v and every head:
   head's output over that output's norm, for each sequence, layer, head and logit scale;
 - the **floor** ``sqrt(sum_{i>M} s_i^2 / sum_i s_i^2)`` from the singular values s of P:
   the smallest matrix error of any matrix of rank at most M (Eckart & Young 1936). The
-  matrices of Nystrom (F Z Bk), Linformer (softmax(Q (EK)^T) F), Performer (a row scaling
+  matrices of Nystrom (F Z R), Linformer (softmax(Q (EK)^T) F), Performer (a row scaling
   of phi(Q) phi(K)^T) and the truncated SVD have rank at most M, so their ratio to the floor
   is at least 1; a sliding window is not low rank and can beat the floor;
 - the **row entropy** of P in nats (0: each query on one key; log N: uniform), which
@@ -100,7 +100,7 @@ def pooled_linformer_attention(q, k, v, mask=None, proj_dim=64):
     attention at small P. Averaging keys and values over P contiguous segments needs no
     training and is what Nystrom's landmarks do, so with P = M the two methods share their
     left factor F = softmax(Q K~^T / sqrt(D)) (N x M) and differ only in the right one:
-    F E here (each landmark's weight spread evenly over its segment), F Z Bk for Nystrom
+    F E here (each landmark's weight spread evenly over its segment), F Z R for Nystrom
     (spread by the landmark queries' own attention). Meant for unpadded inputs: padded
     tokens would be averaged in as zeros.
     """

@@ -188,10 +188,11 @@ def nystrom_attention(q, k, v, mask=None, num_landmarks=64, pinv="iterative",
     -------
     (B, H, N, D)
     """
-    check_landmarks(mask if mask_landmarks else None, num_landmarks, q.shape[-2], pinv)
+    segment_mask = mask if mask_landmarks else None
+    check_landmarks(segment_mask, num_landmarks, q.shape[-2], pinv)
     q, k = scale_qk(q, k)
-    q_land = segment_means(q, num_landmarks, mask if mask_landmarks else None)  # (B, H, M, D)
-    k_land = segment_means(k, num_landmarks, mask if mask_landmarks else None)  # (B, H, M, D)
+    q_land = segment_means(q, num_landmarks, segment_mask)  # (B, H, M, D)
+    k_land = segment_means(k, num_landmarks, segment_mask)  # (B, H, M, D)
     f = softmax(q @ k_land.swapaxes(-1, -2))  # (B, H, N, D) @ (B, H, D, M) -> (B, H, N, M)
     a = softmax(q_land @ k_land.swapaxes(-1, -2))  # (B, H, M, D) @ (B, H, D, M) -> (B,H,M,M)
     r = q_land @ k.swapaxes(-1, -2)  # (B, H, M, D) @ (B, H, D, N) -> (B, H, M, N)
@@ -333,7 +334,7 @@ def check_inputs(model, input_ids, attention_mask, token_type_ids):
 
     Returns (B, N) integer ids, a (B, N) bool mask or None, and (B, N) token types.
     """
-    xp, config = get_xp(model.params["embeddings"]["word"]), model.config
+    xp, config = model.xp, model.config
     ids = _integers(xp, input_ids, "input_ids", config.vocab_size, "the vocabulary")
     n_max = model.params["embeddings"]["position"].shape[0] - config.position_offset
     if ids.shape[1] > n_max:

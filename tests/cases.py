@@ -62,3 +62,9 @@ def leaves(tree):
     found = []
     map_arrays(found.append, tree)
     return found
+
+
+def same_weights(a, b):
+    """Whether two models hold equal weights, array by array."""
+    x, y = leaves(a.params), leaves(b.params)
+    return len(x) == len(y) and all(np.array_equal(u, v) for u, v in zip(x, y, strict=True))

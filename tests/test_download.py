@@ -10,10 +10,10 @@ the hub is reachable. The checkpoint is made once per session (about 10 s).
 import json
 import time
 
-import numpy as np
 import pytest
 from _checkpoint_files import TIED, old_layout, write_torch_zip
 from _hub_server import COMMIT, HubServer
+from cases import same_weights
 
 from nystrom_lab import sources
 from nystrom_np import Config, load, random_model, to_state_dict
@@ -42,19 +42,6 @@ def clean_hub_env(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
     return tmp_path / "hf-home" / "hub"
-
-
-def leaves(tree):
-    if isinstance(tree, dict):
-        return [x for k in sorted(tree) for x in leaves(tree[k])]
-    if isinstance(tree, list):
-        return [x for v in tree for x in leaves(v)]
-    return [] if tree is None else [tree]
-
-
-def same_weights(a, b):
-    x, y = leaves(a.params), leaves(b.params)
-    return len(x) == len(y) and all(np.array_equal(u, v) for u, v in zip(x, y, strict=True))
 
 
 def test_first_build_downloads_once_into_the_cache_and_loads_from_it(

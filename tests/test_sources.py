@@ -10,7 +10,7 @@ import socket
 
 import numpy as np
 import pytest
-from cases import SMALL
+from cases import SMALL, same_weights
 
 from nystrom_lab import sources
 from nystrom_np import Config, random_model, to_state_dict
@@ -49,19 +49,6 @@ def save_checkpoint(folder, model, spiece=False):
     if spiece:
         (folder / "spiece.model").write_bytes(b"not a real sentencepiece model")
     return folder
-
-
-def same_weights(a, b):
-    x, y = leaves(a.params), leaves(b.params)
-    return len(x) == len(y) and all(np.array_equal(u, v) for u, v in zip(x, y, strict=True))
-
-
-def leaves(tree):
-    if isinstance(tree, dict):
-        return [x for k in sorted(tree) for x in leaves(tree[k])]
-    if isinstance(tree, list):
-        return [x for v in tree for x in leaves(v)]
-    return [] if tree is None else [tree]
 
 
 # ------------------------------------------------------------------------- random fallback
