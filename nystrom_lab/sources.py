@@ -13,6 +13,9 @@ The real checkpoint is looked for, in order, at
 4. the hub itself (``HF_ENDPOINT``, by default huggingface.co) when it answers: the files
    are downloaded once into that cache, with a progress bar, and found there next time.
 
+``cached_weights`` gives one of the longer siblings (``LONG_REPO_IDS``) when the Hugging
+Face cache holds it; those are never downloaded for the book.
+
 Finding and reading the files is ``nystrom_np.checkpoint``'s job; this module only decides
 what to do when that fails. A path the user named (1, 2) that cannot be loaded is an error:
 a book silently built on random weights after a typo would mislead. A checkpoint that is
@@ -36,6 +39,8 @@ from nystrom_np.config import Config
 from nystrom_np.weights import Model, random_model
 
 REPO_ID = checkpoint.REPO_ID
+LONG_REPO_IDS = ("uw-madison/nystromformer-4096", "uw-madison/nystromformer-2048",
+                 "uw-madison/nystromformer-1024")  # the longer siblings, longest first
 ENV_VAR = "NYSTROM_NP_CHECKPOINT"
 RANDOM_SEED = 0
 
@@ -103,6 +108,19 @@ def resolve_weights(
         raise ValueError(f"{REPO_ID} was found but cannot be loaded: {e}") from e
 
 
+def cached_weights(repo_id, *, dtype=np.float32, device="cpu") -> Weights | None:
+    """``repo_id`` from the Hugging Face cache, or None when the cache does not hold it.
+
+    Never downloads: the book fetches only the 512 model by default, not the long siblings
+    (437 MB each). A cached checkpoint that fails its checks raises, as in ``resolve_weights``.
+    """
+    with _hub_offline(True):
+        try:
+            return _load(repo_id, dtype, device)
+        except FileNotFoundError:
+            return None
+
+
 def _load(source, dtype, device) -> Weights:
     """Load ``source`` (found once) with the checkpoint module; find its tokenizer file too."""
     config_path, weights_file = checkpoint.find_checkpoint(source)
@@ -120,10 +138,11 @@ def _load(source, dtype, device) -> Weights:
     )
     c = model.config
     note = (
-        f"This chapter ran on pretrained weights loaded from {where}: "
+        f"This chapter ran on the weights loaded from {where}: "
         f"{c.num_hidden_layers} layers, {c.num_attention_heads} heads, hidden size "
         f"{c.hidden_size}, {np.dtype(model.dtype).name}; {tokenizer}. Attention patterns, "
-        "predictions and approximation errors on these weights are those of a trained model."
+        "predictions and approximation errors are those of the model these weights hold: "
+        f"of a trained model when they are the released `{REPO_ID}`."
     )
     return Weights(model, True, str(weights_file), note, spiece)
 
@@ -218,7 +237,7 @@ def _admonition_markdown(kind, title, text):
 
 def note_markdown(weights: Weights) -> str:
     """The MyST Markdown of ``show_note``: an admonition with a title and the note."""
-    kind, title = ("note", "Pretrained weights") if weights.real else ("warning", "Random weights")
+    kind, title = ("note", "Checkpoint weights") if weights.real else ("warning", "Random weights")
     return _admonition_markdown(kind, title, weights.note)
 
 

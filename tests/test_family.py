@@ -14,6 +14,7 @@ import shutil
 
 import numpy as np
 import pytest
+from _hub_server import HubServer
 
 from nystrom_np import forward, load
 from nystrom_np.__main__ import main
@@ -103,6 +104,26 @@ def test_load_by_hub_id_and_by_folder_gives_the_same_model(cached, repo):
     assert by_id.params["embeddings"]["position"].shape[0] == FAMILY[repo] + 2
     word = by_id.params["embeddings"]["word"]
     assert np.array_equal(word, by_folder.params["embeddings"]["word"])
+
+
+def test_the_book_finds_the_long_models_in_the_cache_and_never_downloads(
+    cached, family, monkeypatch, tmp_path
+):
+    from nystrom_lab.sources import LONG_REPO_IDS, cached_weights
+
+    assert set(LONG_REPO_IDS) == set(FAMILY)
+    for repo in FAMILY:
+        found = cached_weights(repo)
+        assert found.real and found.spiece is not None
+        assert found.model.config.max_position_embeddings == FAMILY[repo]
+    served = {repo: {p.name: p for p in folder.iterdir()}
+              for repo, (folder, _) in family[0].items()}  # fmt: skip
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache, a hub that has them
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    with HubServer(served) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        assert all(cached_weights(repo) is None for repo in FAMILY)
+    assert hub.requests == []
 
 
 @pytest.mark.parametrize("repo", FAMILY)

@@ -116,7 +116,7 @@ def test_env_var_directory_is_loaded(loader, offline, monkeypatch, tmp_path):
     assert w.spiece == folder / "spiece.model"
     assert w.model.config == TINY
     assert same_weights(w.model, model)
-    assert str(folder / "model.safetensors") in w.note and "pretrained" in w.note
+    assert str(folder / "model.safetensors") in w.note and "random weights" not in w.note
     assert offline == [], "a named checkpoint must not touch the network"
 
 
@@ -180,7 +180,7 @@ def test_note_is_a_myst_admonition(loader, offline, tmp_path):
     assert random_w.note in text
     real_w = sources.resolve_weights(save_checkpoint(tmp_path / "c", random_model(TINY)))
     real_note = sources.note_markdown(real_w)
-    assert real_note.startswith(":::{admonition} Pretrained weights\n:class: note\n")
+    assert real_note.startswith(":::{admonition} Checkpoint weights\n:class: note\n")
     display = pytest.importorskip("IPython.display")
     shown = sources.show_note(real_w)
     assert isinstance(shown, display.Markdown) and shown.data == sources.note_markdown(real_w)
