@@ -11,7 +11,8 @@ For every chapter of ``book/_toc.yml`` (or the CHAPTERs named, e.g. ``softmax_at
 2. It looks at every Markdown cell for constructs that JupyterLab with jupyterlab-myst
    cannot render: glue roles and directives (``{glue}``, ``{glue:text}``,
    ``{glue:figure}``, ``{paste}``...), which stay holes in JupyterLab because they read
-   values that only myst-nb's build stores. Numbers in prose must use ``{eval}``.
+   values that only myst-nb's build stores (numbers in prose must use ``{eval}``), and
+   ``literalinclude`` and ``{cite}``, which need the build's files.
 3. Unless ``--no-execute``, it executes the notebook with nbclient in ``book/`` (as the
    build does), in order, and evaluates each Markdown cell's ``{eval}`` expressions right
    after the cells above it, where JupyterLab's "Run All" evaluates them: an expression
@@ -40,16 +41,38 @@ UNRENDERABLE = [
     (re.compile(r"\{glue(:[a-z]+)?\}"), "glue role or directive: use {eval} instead"),
     (re.compile(r"\{paste\}"), "paste role or directive: use {eval} instead"),
     (re.compile(r"```\{glue"), "glue directive: show the figure in the cell that makes it"),
+    # Seen in JupyterLab 4.4 with jupyterlab-myst 2.7: a literalinclude is dropped without
+    # a trace and a citation role stays raw text, because neither can read the build's files.
+    (re.compile(r"\{literalinclude\}"), "literalinclude: show it with nystrom_lab.pages.source"),
+    (re.compile(r"\{cite(:[a-z]+)?\}"), "citation role: link the bibliography page instead"),
 ]
 EVAL = re.compile(r"\{eval\}`([^`]+)`")
 # Text that shows MyST rather than being MyST: ``double-backtick`` code spans and fenced
 # code blocks (a chapter may show the syntax of an {eval} role as an example).
-LITERAL = re.compile(r"``.+?``|^```(?!\{).*?^```", re.MULTILINE | re.DOTALL)
+LITERAL_SPAN = re.compile(r"``.+?``")
 
 
 def prose(source: str) -> str:
-    """A Markdown cell's source without its literal code spans and code blocks."""
-    return LITERAL.sub("", source)
+    """A Markdown cell's source without its literal code spans and code blocks.
+
+    Fences are paired line by line: a fence that opens a directive (```` ```{name} ````) is
+    kept with its body, a plain code block is dropped.
+    """
+    kept, fence = [], None  # fence: None outside, else (marker, keep its lines)
+    for line in source.splitlines():
+        stripped = line.strip()
+        if fence is None and stripped.startswith("```"):
+            marker = stripped[: len(stripped) - len(stripped.lstrip("`"))]
+            fence = (marker, stripped[len(marker) :].startswith("{"))
+            if fence[1]:
+                kept.append(line)
+        elif fence is not None and stripped == fence[0]:
+            if fence[1]:
+                kept.append(line)
+            fence = None
+        elif fence is None or fence[1]:
+            kept.append(line)
+    return LITERAL_SPAN.sub("", "\n".join(kept))
 
 
 def chapters_of_toc(toc_path: Path) -> list[str]:
