@@ -381,6 +381,73 @@ class _StateDictUnpickler(pickle.Unpickler):
         return storage
 
 
+# Bounds of a zip's central directory, checked from its end record before zipfile reads the
+# directory: zipfile builds an object of ~350 bytes for every entry the directory's bytes
+# hold (whatever count the record declares), so a 50 MB file of a million empty entries
+# would cost 400 MB and seconds. A checkpoint has one entry per storage and six records:
+# torch writes 306 entries in 18 kB for 300 tensors, and the largest model Config allows
+# (512 layers, ~8,200 tensors) takes under 3 MB even with 255-character archive names.
+ZIP_LIMITS = {"entries": 100_000, "directory": 8 << 20}
+_END_RECORD = struct.Struct("<4s4H2LH")  # signature, disks, entries (here, all), size, ...
+_ZIP64_LOCATOR = struct.Struct("<4sLQL")  # signature, disk, offset of the zip64 record, disks
+_ZIP64_RECORD = struct.Struct("<4sQ2H2L4Q")  # ..., entries (here, all), size, offset
+
+
+def check_zip_directory(file, path) -> None:
+    """Refuse a zip whose end record declares a central directory past ``ZIP_LIMITS``.
+
+    Reads only the file's end: the end-of-central-directory record, found as zipfile finds
+    it (the last 22 bytes, else the last signature in the 64 kB a comment may take), and the
+    zip64 record torch writes before it, which zipfile reads in its place (right before the
+    zip64 locator, or where the locator points: Python versions differ, so both are checked).
+    """
+    size = file.seek(0, os.SEEK_END)
+    file.seek(max(0, size - _END_RECORD.size - (1 << 16)))  # zipfile's window, to the byte
+    tail = file.read()
+    if tail[-22:-18] == b"PK\x05\x06" and tail[-2:] == b"\0\0":
+        end = len(tail) - 22
+    else:
+        end = tail.rfind(b"PK\x05\x06")
+    if end < 0 or end + 22 > len(tail):
+        return  # not a zip: zipfile says so
+    _, _, _, here, total, directory, _, _ = _END_RECORD.unpack_from(tail, end)
+    end += size - len(tail)  # from here on, offsets in the file
+    claims = [(max(here, total), directory)]
+    locator = _read_at(file, end - _ZIP64_LOCATOR.size, _ZIP64_LOCATOR.size, end)
+    if locator[:4] == b"PK\x06\x07":
+        before = end - _ZIP64_LOCATOR.size - _ZIP64_RECORD.size
+        places = {_ZIP64_LOCATOR.unpack(locator)[2], before}
+        records = [_read_at(file, at, _ZIP64_RECORD.size, end) for at in sorted(places)]
+        zip64 = [_ZIP64_RECORD.unpack(r) for r in records if r[:4] == b"PK\x06\x06"]
+        if len(zip64) == len(records):  # the classic record's fields are unused (or 0xFF..)
+            claims = []
+        claims += [(max(r[6], r[7]), r[8]) for r in zip64]
+    for entries, directory in claims:
+        if entries > ZIP_LIMITS["entries"]:
+            raise CheckpointError(
+                f"{path}: its zip directory declares {entries} entries; at most "
+                f"{ZIP_LIMITS['entries']} allowed (a checkpoint has one per storage, plus six)"
+            )
+        if directory > end:
+            raise CheckpointError(
+                f"{path}: its zip directory claims {directory} bytes, more than the file holds "
+                f"before its end record ({end} of {size} bytes; truncated or corrupted?)"
+            )
+        if directory > ZIP_LIMITS["directory"]:
+            raise CheckpointError(
+                f"{path}: its zip directory is {directory} bytes; at most "
+                f"{ZIP_LIMITS['directory']} allowed (a checkpoint's takes ~60 bytes a storage)"
+            )
+
+
+def _read_at(file, offset, count, end) -> bytes:
+    """``count`` bytes of ``file`` at ``offset``; none unless they lie between 0 and ``end``."""
+    if not 0 <= offset <= end - count:
+        return b""
+    file.seek(offset)
+    return file.read(count)
+
+
 def read_torch_bin(path, *, check_crc=True, config=None) -> dict:
     """Read a zip-format ``torch.save`` state dict into a dict name -> NumPy array, no torch.
 
@@ -392,7 +459,11 @@ def read_torch_bin(path, *, check_crc=True, config=None) -> dict:
     """
     path = Path(path)
     try:
+        with open(path, "rb") as f:
+            check_zip_directory(f, path)  # before zipfile reads what the directory declares
         archive = zipfile.ZipFile(path)
+    except CheckpointError:
+        raise
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
         raise CheckpointError(
             f"{path} is not a readable zip-format torch file (truncated or corrupted?): {e}"
@@ -536,7 +607,7 @@ def check_layout(layout, config, path) -> list:
     next-sentence head are skipped unread. All problems are reported together, as
     ``from_state_dict`` reports them.
     """
-    from .weights import expected_shapes
+    from .weights import expected_shapes, weight_problem
 
     prefix = next(
         (p for p in (f"{config.model_type}.", "") if f"{p}embeddings.word_embeddings.weight"
@@ -553,13 +624,8 @@ def check_layout(layout, config, path) -> list:
         if name not in layout:
             problems.append(f"missing {name} {shape}")
             continue
-        declared, dtype = layout[name]
-        if tuple(declared) != shape:
-            problems.append(f"{name} has shape {tuple(declared)}, expected {shape}")
-        elif dtype.kind != "f":
-            problems.append(
-                f"{name} is {dtype.name}: weights must be floating point (float16/32/64)"
-            )
+        if problem := weight_problem(name, *layout[name], shape):
+            problems.append(problem)
         else:
             wanted.append(name)
     for name, (declared, _) in layout.items():
@@ -716,18 +782,13 @@ def hub_reachable(timeout=HUB_TIMEOUT) -> bool:
 
     Asked before any download, because huggingface_hub retries a host that does not answer
     for over a minute, printing each retry. A TCP connection alone proves nothing: a proxy
-    or a stalled server accepts it and then never answers.
+    or a stalled server accepts it and then never answers. The name lookup counts against
+    ``timeout`` too (see ``_head``).
     """
     if _offline():
         return False
-    try:
-        urllib.request.urlopen(urllib.request.Request(hub_endpoint(), method="HEAD"),
-                               timeout=timeout).close()  # fmt: skip
-    except urllib.error.HTTPError:  # an answer, if not a welcome one
-        return True
-    except (OSError, ValueError):  # refused, timed out, no route, a malformed HF_ENDPOINT
-        return False
-    return True
+    status, _ = _head(hub_endpoint(), timeout)
+    return status is not None
 
 
 def _download(repo_id, revision, source_path):
@@ -740,7 +801,7 @@ def _download(repo_id, revision, source_path):
     elif not hub_reachable():
         why = (
             f"the hub ({hub_endpoint()}) did not answer within {HUB_TIMEOUT:g} s (no network, "
-            "or a server that does not respond), so nothing was downloaded"
+            "a name lookup or a server that does not respond), so nothing was downloaded"
         )
     else:
         try:
@@ -815,6 +876,10 @@ def fetch_file(repo_id, filename, revision="main") -> Path:
               file=sys.stderr, flush=True)  # fmt: skip
     start = time.perf_counter()
     blobs = hub_cache_dir() / ("models--" + repo_id.replace("/", "--")) / "blobs"
+    # huggingface_hub reads HF_HUB_OFFLINE once, at its first import (perhaps while the book
+    # looked in the cache offline); this download follows the environment as it is now.
+    constants = huggingface_hub.constants
+    offline_at_import, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, _offline()
     try:
         with _progress(filename, size, blobs, show=loud):
             path = Path(huggingface_hub.hf_hub_download(
@@ -823,6 +888,8 @@ def fetch_file(repo_id, filename, revision="main") -> Path:
             ))  # fmt: skip
     except _entry_not_found() as e:
         raise FileNotFoundError(f"the hub has no {url} ({type(e).__name__})") from None
+    finally:
+        constants.HF_HUB_OFFLINE = offline_at_import
     if loud:
         took = time.perf_counter() - start
         print(f"downloaded {path.stat().st_size / 1e6:.0f} MB in {took:.0f} s: {path}",
@@ -839,7 +906,24 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 def _head(url, timeout=HUB_TIMEOUT):
-    """(HTTP status, file size or None) of a HEAD of ``url``; status None: no answer."""
+    """(HTTP status, file size or None) of a HEAD of ``url``; status None: no answer.
+
+    ``timeout`` bounds the whole request. urllib's own timeout bounds each socket operation
+    but not the name lookup before them (``socket.getaddrinfo`` takes none), and a resolver
+    that never answers (a dead DNS server, a captive network) would hang the book build. So
+    the request runs in a daemon thread, left to finish on its own if it takes too long.
+    """
+    answers = []
+    thread = threading.Thread(
+        target=lambda: answers.append(_ask_head(url, timeout)), daemon=True, name="hub probe"
+    )
+    thread.start()
+    thread.join(timeout)
+    return answers[0] if answers else (None, None)
+
+
+def _ask_head(url, timeout):
+    """``_head``'s request itself, in the probe's thread."""
     try:
         answer = urllib.request.build_opener(_NoRedirect).open(
             urllib.request.Request(url, method="HEAD"), timeout=timeout

@@ -91,6 +91,24 @@ def expected_shapes(config: Config, prefix: str, head: bool) -> dict:
     return shapes
 
 
+def weight_problem(name: str, shape, dtype, expected: tuple) -> str | None:
+    """What is wrong with a weight of this declared shape and dtype, or None if nothing.
+
+    The one wording of these checks, for ``from_state_dict`` and the file readers alike
+    (``checkpoint.check_layout``). Integer and bool weights are refused, as transformers
+    refuses them: cast to float, they would give a model of wrong weights without a word.
+    """
+    if tuple(shape) != tuple(expected):
+        return f"{name} has shape {tuple(shape)}, expected {tuple(expected)}"
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:  # e.g. a torch tensor's torch.float32
+        return f"{name} has dtype {dtype}, not a NumPy dtype: pass NumPy (or CuPy) arrays"
+    if dtype.kind != "f":
+        return f"{name} is {dtype.name}: weights must be floating point (float16/32/64)"
+    return None
+
+
 def _prefix(config: Config, state) -> str:
     """``"nystromformer."`` / ``"bert."``, or ``""`` for a bare encoder (sentence-transformers)."""
     for prefix in (f"{config.model_type}.", ""):
@@ -116,7 +134,9 @@ def from_state_dict(state: dict, config: Config, dtype=np.float32) -> Model:
     the tied ``cls.predictions.decoder.*`` and ``position_ids``, and ``save_pretrained``'s
     safetensors without them), BERT masked-LM checkpoints (``bert.`` prefix) and bare BERT
     encoders without a head (no prefix, as sentence-transformers saves them). All missing,
-    unexpected and mis-shaped keys are reported together in one ValueError.
+    unexpected and mis-shaped keys, and integer or bool weights, are reported together in
+    one ValueError (buffers the model does not read, such as the integer ``position_ids``,
+    are skipped).
 
     The weights are copied: linear weights transposed to (in, out), q/k/v fused into one
     (C, 3C) product, the conv taps reshaped to (H, K), everything cast to ``dtype``.
@@ -131,8 +151,8 @@ def from_state_dict(state: dict, config: Config, dtype=np.float32) -> Model:
     for name, shape in shapes.items():
         if name not in state:
             problems.append(f"missing {name} {shape}")
-        elif tuple(state[name].shape) != shape:
-            problems.append(f"{name} has shape {tuple(state[name].shape)}, expected {shape}")
+        elif problem := weight_problem(name, state[name].shape, state[name].dtype, shape):
+            problems.append(problem)
     for name in state:
         if name not in shapes and not _is_ignored(name, prefix):
             problems.append(f"unexpected {name} {tuple(state[name].shape)}")
@@ -202,11 +222,9 @@ def _check_tied(state, prefix) -> list:
     )
     for tied, source in pairs:
         if tied in state and source in state:
-            if tuple(state[tied].shape) != tuple(state[source].shape):
-                problems.append(
-                    f"{tied} has shape {tuple(state[tied].shape)}, "
-                    f"expected that of {source} {tuple(state[source].shape)}"
-                )
+            tied_array, expected = state[tied], tuple(state[source].shape)
+            if problem := weight_problem(tied, tied_array.shape, tied_array.dtype, expected):
+                problems.append(f"{problem}; it is tied to {source}")
             elif not np.array_equal(state[tied], state[source]):
                 problems.append(f"{tied} differs from {source}: untied decoders are not supported")
     return problems

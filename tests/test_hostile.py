@@ -2,10 +2,11 @@
 
 Each test generates variants of one kind of attack or mistake (hypothesis), not one
 example: a config value of the wrong type or range, a pickle nested or shared without
-bound, a storage that inflates past what the model holds, weights of the wrong dtype, a
-convert that fails at any step, a file name built to run a command when pasted. A refused
-file must be refused before the work it asks for: the tests bound the memory (tracemalloc)
-and, generously, the time of a refusal.
+bound, a zip directory of millions of entries, a storage that inflates past what the model
+holds, weights of the wrong dtype, a convert that fails at any step, a file name built to
+run a command when pasted, a name lookup that never returns. A refused file must be
+refused before the work it asks for: the tests bound the memory (tracemalloc) and,
+generously, the time of a refusal.
 """
 
 import json
@@ -36,21 +37,26 @@ from _checkpoint_files import (
     write_torch_zip,
     write_zip,
 )
-from hypothesis import HealthCheck, given, settings
+from _hub_server import wait_until
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
-from nystrom_np import random_model, to_state_dict
+from nystrom_np import from_state_dict, random_model, to_state_dict
 from nystrom_np.checkpoint import (
+    HUB_TIMEOUT,
     PICKLE_LIMITS,
+    ZIP_LIMITS,
     CheckpointError,
     check_pickle,
     convert,
+    fetch_file,
+    hub_reachable,
     load,
     read_torch_bin,
     read_weights,
 )
-from nystrom_np.config import INT_RANGES, OPTIONAL, Config
+from nystrom_np.config import ACTIVATIONS, INT_RANGES, OPTIONAL, Config
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = 5.0  # seconds: "refused quickly" (under 1 s here), generous for a loaded machine
@@ -146,11 +152,16 @@ def test_bad_float_fields_are_refused_by_name(field, value):
 @EXAMPLES
 @given(field=st.sampled_from(["hidden_act", "model_type"]), value=BAD_VALUES)
 def test_bad_string_fields_are_refused_by_name(field, value):
+    if value in ACTIVATIONS or value in ("nystromformer", "bert"):
+        return  # a valid value drawn by chance
     refused(lambda: Config.from_dict({field: value}), field)
+    kind = ValueError if isinstance(value, str) else TypeError  # an unknown name; not a str
+    refused(lambda: Config(**{field: value}), field, kind=kind)
 
 
 def test_an_absurd_config_is_an_error_in_milliseconds_with_a_short_message(tmp_path):
-    for layers in (10**5, 10**6, 10**30):
+    # 10**4000 prints as 4,001 digits; 10**5000 does not print at all (Python's 4,300 limit)
+    for layers in (10**5, 10**6, 10**30, 10**4000, 10**5000):
         message = refused(lambda n=layers: Config.from_dict({"num_hidden_layers": n}), "layers")
         assert len(message) < 200
 
@@ -192,6 +203,93 @@ def test_a_huge_safetensors_header_is_refused_unparsed(tmp_path):
     refused(lambda: read_weights(path), "header claims", peak=4 << 20)
 
 
+# ------------------------------------------------------------------ the zip's directory
+
+SIGNATURES = {"end": b"PK\x05\x06", "zip64": b"PK\x06\x06", "locator": b"PK\x06\x07"}
+
+
+def end_records(entries, size, offset, at, zip64):
+    """The records that end a zip whose central directory holds ``entries`` entries in
+    ``size`` bytes from ``offset``, written at ``at``. With ``zip64``, the zip64 record and
+    locator come first (as torch writes them) and the classic record's fields say 'see
+    there' (0xFFFF...), as the format asks of a value that does not fit."""
+    if not zip64:
+        count, size = min(entries, 0xFFFF), min(size, 0xFFFFFFFF)
+        return struct.pack("<4s4H2LH", SIGNATURES["end"], 0, 0, count, count, size, offset, 0)
+    record = struct.pack("<4sQ2H2L4Q", SIGNATURES["zip64"], 44, 45, 45, 0, 0, entries,
+                         entries, size, offset)  # fmt: skip
+    locator = struct.pack("<4sLQL", SIGNATURES["locator"], 0, at, 1)
+    classic = struct.pack("<4s4H2LH", SIGNATURES["end"], 0, 0, *[0xFFFF] * 2, *[2**32 - 1] * 2, 0)
+    return record + locator + classic
+
+
+def with_end(path, *, entries=None, size=None, zip64=False):
+    """Rewrite the end of a zip zipfile wrote (no comment), declaring ``entries`` entries
+    and a directory of ``size`` bytes (default: what it holds)."""
+    data = path.read_bytes()
+    _, _, _, _, count, true_size, offset, _ = struct.unpack("<4s4H2LH", data[-22:])
+    entries, size = count if entries is None else entries, true_size if size is None else size
+    path.write_bytes(data[:-22] + end_records(entries, size, offset, len(data) - 22, zip64))
+    return path
+
+
+def directory_of(path, entries, name_length):
+    """A zip of one empty file and a central directory of ``entries`` real entries, all
+    pointing at it, each named by ``name_length`` letters (and 46 bytes of record)."""
+    local = struct.pack("<4s2B4HL2L2H", b"PK\x03\x04", 20, 0, *[0] * 7, 1, 0) + b"a"
+    record = struct.pack("<4s4B4HL2L5H2L", b"PK\x01\x02", 20, 0, 20, 0, *[0] * 7,
+                         name_length, *[0] * 6)  # fmt: skip
+    directory = (record + b"a" * name_length) * entries
+    ends = end_records(entries, len(directory), len(local), len(local) + len(directory),
+                       zip64=entries > 0xFFFF)  # fmt: skip
+    path.write_bytes(local + directory + ends)
+    return path
+
+
+@EXAMPLES
+@given(
+    claim=st.sampled_from(["entries", "size"]),
+    zip64=st.booleans(),
+    excess=st.integers(1, 2**40),
+)
+def test_a_zip_end_record_that_claims_too_much_is_refused_from_the_end(
+    tmp_path, claim, zip64, excess
+):
+    """A small, valid torch zip whose end record declares millions of entries (a zip64
+    count: the classic one stops at 65,535), or a directory larger than the file."""
+    tensor = op_tensor("0", "FloatStorage", 3, 0, (3,), (1,))
+
+    def torch_zip():
+        return zip_of(tmp_path, op_state_dict([("w", tensor)]), {"0": np.ones(3, np.float32)})
+
+    path = with_end(torch_zip(), zip64=zip64)  # the truth, told either way, reads
+    assert read_torch_bin(path)["w"].tolist() == [1, 1, 1]
+    path = torch_zip()
+    if claim == "entries":
+        with_end(path, entries=ZIP_LIMITS["entries"] + excess, zip64=True)
+        match = rf"declares {ZIP_LIMITS['entries'] + excess} entries; at most"
+    else:
+        with_end(path, size=(1 << 20) + excess, zip64=zip64)  # the file is 1 kB
+        match = "more than the file holds before its end record"
+    message = refused(lambda: read_torch_bin(path), match, peak=(1 << 20))
+    assert str(path) in message
+
+
+@pytest.mark.parametrize(
+    "entries, name_length",
+    [(200_000, 1), (1_000_000, 1), (50_000, 200)],  # 9, 47, 12 MB: past the count or size
+)
+def test_a_zip_directory_of_many_entries_is_refused_before_zipfile_reads_it(
+    tmp_path, entries, name_length
+):
+    """zipfile would build an object per entry: 8 times the file in memory, and seconds."""
+    path = directory_of(tmp_path / "entries.bin", entries, name_length)
+    size = path.stat().st_size
+    message = refused(lambda: read_weights(path), r"zip directory (declares|is \d+ bytes)",
+                      peak=size // 4)  # fmt: skip
+    assert str(path) in message
+
+
 # ------------------------------------------------------------------------------ pickles
 
 
@@ -204,12 +302,10 @@ def key_nested(depth):
     return b"\x80\x02" + OD + b")R" + op_int(1) + b"\x85" * depth + op_int(0) + b"s."
 
 
-def shared_tuples(width, levels):
-    """A key of ``levels`` tuples, each holding the one below ``width`` times (via the memo):
-    a few bytes that unfold to width ** levels objects when hashed."""
-    body = op_int(1)
-    for _ in range(levels):
-        body += b"q\x00(" + b"h\x00" * width + b"t"
+def shared_tuples(levels):
+    """A key of ``levels`` nested tuples, each holding the one below three times (BINPUT,
+    BINGET twice, TUPLE3): a few bytes that unfold to 3 ** levels objects when hashed."""
+    body = op_int(1) + b"q\x00h\x00h\x00\x87" * levels
     return b"\x80\x02" + OD + b")R" + body + op_int(0) + b"s."
 
 
@@ -247,33 +343,44 @@ def test_a_million_deep_key_does_not_crash_the_cli(tmp_path, state, spiece_path)
     assert not (tmp_path / "out").exists()
 
 
-@settings(max_examples=10, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
-@given(
-    bomb=st.sampled_from(["shared", "build", "copy"]),
-    size=st.integers(1, 4),
-    repeats=st.sampled_from([1_000, 50_000, 200_000]),  # under and over the opcode budget
+@pytest.mark.parametrize(
+    "bomb, expected",
+    [
+        ("shared", "more than 4000000 objects"),  # a key of 3**20 = 3.5 billion objects
+        ("long", "runs past 300000 opcodes"),  # 4 million NONEs: 4 MB, one opcode each
+        ("build", None),  # 50,000 BUILDs with a 10,000-item state: 500 million copies
+        ("copy", "not a valid state-dict pickle"),  # 50,000 OrderedDict(d), |d| = 10,000
+        ("build-longer", "runs past 300000 opcodes"),  # 200,000 BUILDs
+    ],
 )
-def test_work_without_bound_is_refused_or_done_quickly(tmp_path, bomb, size, repeats):
-    """Each would take minutes or gigabytes if run as written; here each opcode does O(1)
-    work (BUILD's state is ignored, OrderedDict takes no argument), so it is refused or read
-    (as the empty dict it holds) at once."""
+def test_work_without_bound_is_refused_or_done_quickly(tmp_path, bomb, expected):
+    """Each would take minutes or gigabytes if run as written. Here the walk of the opcodes
+    stops at a budget, and each opcode that runs does O(1) work (BUILD's state is ignored,
+    OrderedDict takes no argument, so the copies fail at the first), so each is refused at
+    once, or read (as the empty dict it holds)."""
     data = {
-        "shared": lambda: shared_tuples(8 * size, 8),
-        "build": lambda: build_loop(10_000 * size, repeats),
-        "copy": lambda: copy_loop(10_000 * size, repeats),
+        "shared": lambda: shared_tuples(20),
+        "long": lambda: b"\x80\x02" + b"N" * 4_000_000 + b".",
+        "build": lambda: build_loop(10_000, 50_000),
+        "copy": lambda: copy_loop(10_000, 50_000),
+        "build-longer": lambda: build_loop(10_000, 200_000),
     }[bomb]()
     path = zip_of(tmp_path, data)
-    start = time.perf_counter()
-    try:
+    if expected is not None:
+        peak = 2 * path.stat().st_size + (8 << 20)  # the pickle, and a bounded stack
+        peak = peak if bomb in ("shared", "long") else None  # the others: time is the point
+        message = refused(lambda: read_torch_bin(path), expected, peak=peak)
+        assert str(path) in message
+    else:
+        start = time.perf_counter()
         assert read_torch_bin(path) == {}
-    except CheckpointError as e:
-        assert str(path) in str(e)
-    assert time.perf_counter() - start < FAST
+        assert time.perf_counter() - start < FAST
 
 
-# Pieces a hostile pickle is made of, spliced into a valid state dict in any order.
-SNIPPETS = [
+# Pieces a hostile pickle is made of, spliced into a valid state dict in any order;
+# PAYLOAD stands for a whole call of os.system that creates the test's marker file.
+PAYLOAD = b"<payload>"
+SNIPPETS = [PAYLOAD,
     op_global("os", "system"), op_global("builtins", "eval"), op_global("torch", "load"),
     op_global("functools", "partial"), op_global("collections", "defaultdict"),
     op_global("numpy.core.multiarray", "_reconstruct"),
@@ -290,10 +397,13 @@ SNIPPETS = [
 @settings(max_examples=200, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
 @given(pieces=st.lists(st.sampled_from(SNIPPETS), max_size=12))
+@example(pieces=[PAYLOAD])
 def test_spliced_opcodes_load_or_are_refused_never_crash(tmp_path, pieces):
     marker = tmp_path / "pwned"
+    payload = op_global("os", "system") + op_str(f"touch '{marker}'") + b"\x85R"  # (cmd,)
     tensor = op_tensor("0", "FloatStorage", 3, 0, (3,), (1,))
-    data = op_state_dict([("ok", tensor)])[:-2] + b"".join(pieces) + b"u."
+    spliced = b"".join(payload if piece == PAYLOAD else piece for piece in pieces)
+    data = op_state_dict([("ok", tensor)])[:-2] + spliced + b"u."
     path = zip_of(tmp_path, data, {"0": np.ones(3, np.float32)})
     try:
         state = read_torch_bin(path)
@@ -302,6 +412,27 @@ def test_spliced_opcodes_load_or_are_refused_never_crash(tmp_path, pieces):
     else:  # what loads is a flat dict of read-only arrays, nothing else
         assert all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in state.items())
     assert not marker.exists()
+
+
+# Opcodes a state dict never needs, each with its argument (what follows is never read).
+UNNEEDED = {
+    "EMPTY_LIST": b"]", "LIST": b"(l", "EMPTY_SET": b"\x8f", "POP": b"0", "DUP": b"2",
+    "INST": b"(i__builtin__\nexec\n", "OBJ": b"(" + OD + b"o", "NEWOBJ": OD + b")\x81",
+    "EXT1": b"\x82\x01", "PERSID": b"Pstorage\n", "BINBYTES": b"B\x01\x00\x00\x00x",
+    "NEXT_BUFFER": b"\x97", "BINFLOAT": b"G" + struct.pack(">d", 1.0),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(UNNEEDED))
+def test_opcodes_a_state_dict_does_not_need_are_refused_by_name(tmp_path, name):
+    """Refused by name as soon as the walk meets them, whatever they would do. find_class
+    and the checks of the state would catch most of them later; the message shows that the
+    allow-list, the first line, did."""
+    tensor = op_tensor("0", "FloatStorage", 3, 0, (3,), (1,))
+    data = op_state_dict([("ok", tensor)])[:-2] + UNNEEDED[name] + b"u."
+    path = zip_of(tmp_path, data, {"0": np.ones(3, np.float32)})
+    message = refused(lambda: read_torch_bin(path), f"uses the pickle opcode {name},")
+    assert "nothing of it was run" in message
 
 
 @EXAMPLES
@@ -405,6 +536,35 @@ def test_integer_and_bool_weights_are_refused(tmp_path, state, dtype, which, kin
     folder = checkpoint_dir(tmp_path / f"{kind}-{dtype}", bad, kind)
     message = refused(lambda: load(folder), "floating point")
     assert which in message and np.dtype(dtype).name in message
+    weights = folder / {"bin": "pytorch_model.bin", "safetensors": "model.safetensors"}[kind]
+    config = Config.from_dict(SMALL)  # the reader refuses them before any tensor is read
+    refused(lambda: read_weights(weights, config), f"{which} is {np.dtype(dtype).name}")
+
+
+@EXAMPLES
+@given(
+    dtype=st.sampled_from(["int64", "int32", "int8", "uint8", "bool", "complex64", "object"]),
+    which=st.sampled_from([
+        "nystromformer.embeddings.word_embeddings.weight",
+        "nystromformer.encoder.layer.0.attention.self.query.weight",
+        "nystromformer.encoder.layer.1.attention.self.conv.weight",
+        "nystromformer.encoder.layer.1.output.LayerNorm.bias",
+        "cls.predictions.bias",
+        "cls.predictions.decoder.weight",  # tied: checked against the word embeddings
+    ]),
+)
+def test_from_state_dict_refuses_integer_and_bool_weights(state, dtype, which):
+    """Called directly, with no file reader before it: no silent cast to float. The
+    integer buffers the model does not read (position_ids, token_type_ids) stay accepted."""
+    old = old_layout(state)  # with the int64 position_ids
+    old["nystromformer.embeddings.token_type_ids"] = np.zeros((1, 70), np.int64)
+    config = Config.from_dict(SMALL)
+    from_state_dict(old, config)
+    bad = dict(old)
+    bad[which] = (old[which] > 0).astype(dtype)
+    message = refused(lambda: from_state_dict(bad, config), "floating point", kind=ValueError)
+    assert f"{which} is {np.dtype(dtype).name}: weights must be floating point" in message
+    assert "position_ids" not in message and "token_type_ids" not in message
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -622,9 +782,44 @@ def test_a_hub_that_never_answers_is_given_up_on_in_seconds(monkeypatch):
         with pytest.raises(FileNotFoundError, match=r"did not answer within 3 s"):
             load("uw-madison/nystromformer-512")
         assert time.perf_counter() - start < 10
+
+        def probes():  # the probe's own socket times out: nothing is left waiting on it
+            return [t for t in threading.enumerate() if t.name == "hub probe"]
+
+        assert wait_until(lambda: not probes(), 2 * HUB_TIMEOUT), probes()
     finally:
         stop.cancel()
         server.close()
+
+
+def test_a_name_lookup_that_never_returns_is_given_up_on_in_seconds(monkeypatch):
+    """urllib's timeout does not cover the name lookup (socket.getaddrinfo has none): a
+    resolver that hangs must not hang the probe, the download, or a book build."""
+    pytest.importorskip("huggingface_hub", reason="the download path uses it")
+    release = threading.Event()  # set at the end: the lookups left behind return then
+    lookups = []
+
+    def hanging_lookup(host, *args, **kwargs):
+        lookups.append(host)
+        release.wait(60)  # far past HUB_TIMEOUT
+        raise socket.gaierror(f"no answer for {host}")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.invalid")
+    monkeypatch.setattr(socket, "getaddrinfo", hanging_lookup)
+    try:
+        start = time.perf_counter()
+        assert hub_reachable(timeout=0.5) is False
+        assert time.perf_counter() - start < 3
+        start = time.perf_counter()
+        with pytest.raises(FileNotFoundError, match=r"did not answer within 3 s"):
+            load("uw-madison/nystromformer-512")
+        with pytest.raises(ConnectionError, match="did not answer"):
+            fetch_file("uw-madison/nystromformer-512", "config.json")
+        assert time.perf_counter() - start < 4 * HUB_TIMEOUT  # two probes of 3 s
+        assert len(lookups) == 3  # each probe was stuck in its lookup, and gave up on it
+    finally:
+        release.set()
 
 
 # -------------------------------------------------------- tokenizer, fill_mask, the CLI
