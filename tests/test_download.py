@@ -17,7 +17,7 @@ from cases import same_weights
 
 from nystrom_lab import sources
 from nystrom_np import Config, load, random_model, to_state_dict
-from nystrom_np.checkpoint import REPO_ID
+from nystrom_np.checkpoint import REPO_ID, fetch_file
 
 pytest.importorskip("huggingface_hub", reason="the download path uses it")
 FILES = ("config.json", "pytorch_model.bin", "spiece.model")
@@ -73,6 +73,22 @@ def test_first_build_downloads_once_into_the_cache_and_loads_from_it(
     assert same_weights(load(REPO_ID), model)
     again = sources.resolve_weights()
     assert again.real and again.source == weights.source
+
+
+def test_a_download_follows_the_environment_of_now_not_of_the_first_import(
+    full_size, clean_hub_env, monkeypatch
+):
+    """huggingface_hub reads HF_HUB_OFFLINE once, when first imported: a book chapter that
+    first looked in the cache offline (and imported it then) must still download later."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    folder, _ = full_size
+    with HubServer({REPO_ID: {"config.json": folder / "config.json"}}) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        path = fetch_file(REPO_ID, "config.json")
+    assert path.read_bytes() == (folder / "config.json").read_bytes()
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is True  # put back as it was
 
 
 @pytest.mark.parametrize(
