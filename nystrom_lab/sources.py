@@ -142,7 +142,7 @@ def _load(source, dtype, device) -> Weights:
         f"{c.num_hidden_layers} layers, {c.num_attention_heads} heads, hidden size "
         f"{c.hidden_size}, {np.dtype(model.dtype).name}; {tokenizer}. Attention patterns, "
         "predictions and approximation errors are those of the model these weights hold: "
-        f"of a trained model when they are the released `{REPO_ID}`."
+        "of a trained model when they are a checkpoint uw-madison released."
     )
     return Weights(model, True, str(weights_file), note, spiece)
 

@@ -114,10 +114,9 @@ def with_eval_checks(notebook):
             expressions = EVAL.findall(prose(cell.source))
             if expressions:
                 count += len(expressions)
-                lines = ["# check_notebooks: the {eval} expressions of the cell above"]
-                lines += [f"repr({expression})" for expression in expressions]
-                source = "\n".join(lines[:1] + [f"_ = {line}" for line in lines[1:]])
-                checked.cells.append(nbformat.v4.new_code_cell(source))
+                source = ["# check_notebooks: the {eval} expressions of the cell above"]
+                source += [f"_ = repr({expression})" for expression in expressions]
+                checked.cells.append(nbformat.v4.new_code_cell("\n".join(source)))
     return checked, count
 
 

@@ -7,8 +7,9 @@ and builds the book on them, warnings as errors, so that every branch a user wit
 checkpoints takes runs:
 
 - ``nystromformer-512`` in a folder that ``$NYSTROM_NP_CHECKPOINT`` names: ``config.json``
-  of the real config, ``pytorch_model.bin`` as the zip torch pickle of the hub file (tied
-  decoder keys, ``position_ids``), ``spiece.model`` trained on the tests' corpus;
+  of the real config, ``pytorch_model.bin`` in the hub file's layout (``torch.save`` with
+  tied decoder keys and ``position_ids``: ``nystrom_lab.study.write_checkpoint``), and
+  ``spiece.model`` trained on the tests' corpus;
 - ``nystromformer-4096`` as a snapshot in a Hugging Face cache of its own
   (``HF_HUB_CACHE``), for the prediction chapter's long documents;
 - ``HF_HUB_OFFLINE=1``: nothing is fetched.
@@ -24,7 +25,6 @@ Usage: ``python tools/check_real_branches.py [--out DIR]``; the book lands in
 """
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -34,12 +34,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # the test suite's checkpoint writers
+sys.path.insert(0, str(ROOT / "tests"))  # the test suite's SentencePiece model
 
-from _checkpoint_files import TIED, old_layout, write_torch_zip  # noqa: E402
 from albert_spiece import build_spiece  # noqa: E402
 
-from nystrom_np import Config, random_model, to_state_dict  # noqa: E402
+from nystrom_lab.study import write_checkpoint  # noqa: E402
+from nystrom_np import Config, random_model  # noqa: E402
 
 COMMIT = "f" * 40  # the snapshot's revision in the made-up cache
 FALLBACKS = (  # what a page shows when it did not find what it needs
@@ -50,12 +50,9 @@ FALLBACKS = (  # what a page shows when it did not find what it needs
 )
 
 
-def write_checkpoint(folder: Path, config: Config, spiece: Path, seed: int) -> Path:
+def hub_files(folder: Path, config: Config, spiece: Path, seed: int) -> Path:
     """The hub's files for ``config``, with seeded random weights."""
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    state = old_layout(to_state_dict(random_model(config, seed=seed)))
-    write_torch_zip(folder / "pytorch_model.bin", state, tied=TIED)
+    write_checkpoint(random_model(config, seed=seed), folder, kind="bin")
     (folder / "spiece.model").write_bytes(spiece.read_bytes())
     return folder
 
@@ -92,11 +89,11 @@ def main(argv=None) -> int:
     started = time.perf_counter()
 
     spiece = build_spiece(out / "spiece.model")
-    folder = write_checkpoint(out / "nystromformer-512", Config(), spiece, seed=0)
+    folder = hub_files(out / "nystromformer-512", Config(), spiece, seed=0)
     cache = out / "hf-cache"
     long_config = Config(max_position_embeddings=4096)
-    write_checkpoint(cache_snapshot(cache, "uw-madison/nystromformer-4096"), long_config,
-                     spiece, seed=1)  # fmt: skip
+    hub_files(cache_snapshot(cache, "uw-madison/nystromformer-4096"), long_config, spiece,
+              seed=1)
     print(f"checkpoints written in {time.perf_counter() - started:.0f} s: {folder}, {cache}")
 
     env = {**os.environ, "NYSTROM_NP_CHECKPOINT": str(folder), "HF_HUB_CACHE": str(cache),
