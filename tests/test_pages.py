@@ -50,3 +50,57 @@ def test_table_is_markdown_and_numbered_when_named():
     named = table(["a"], [[1]], name="tab-x", caption="A caption.").data
     assert named.startswith(":::{table} A caption.\n:name: tab-x\n\n| a |")
     assert named.rstrip().endswith(":::")
+
+
+
+def markdown_offenders(text):
+    """What ``tools/check_notebooks.py`` finds in a chapter whose Markdown is ``text``."""
+    jupytext = pytest.importorskip("jupytext")
+    pytest.importorskip("nbclient")
+    import importlib.util
+
+    from nystrom_lab.pages import ROOT
+
+    spec = importlib.util.spec_from_file_location("check_notebooks",
+                                                  ROOT / "tools" / "check_notebooks.py")
+    checker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(checker)
+    return checker.markdown_offenders("chapter", jupytext.reads(text, fmt="md:myst"))
+
+
+CHAPTER = """\
+(sec-here)=
+# A chapter
+
+$$ x = 1 $$ (eq-here)
+
+```{figure} picture.png
+:name: fig-here
+
+A caption.
+```
+
+```{code-cell} ipython3
+print(1)
+```
+
+"""
+
+
+@pytest.mark.parametrize("line", [
+    "See {numref}`fig-output`.",
+    "As in section {ref}`sec-elsewhere`.",
+    "From {eq}`eq-elsewhere`.",
+])
+def test_the_notebook_check_flags_references_jupyterlab_cannot_render(line):
+    found = markdown_offenders(CHAPTER + line + "\n")
+    assert len(found) == 1 and line in found[0]
+
+
+@pytest.mark.parametrize("line", [
+    "See {ref}`the figure above <fig-output>`.",
+    "As in section {ref}`sec-here`, {eq}`eq-here` and {ref}`fig-here`.",
+    "The syntax is ``{numref}`fig-output` ``, shown, not used.",
+])
+def test_the_notebook_check_passes_references_jupyterlab_renders(line):
+    assert markdown_offenders(CHAPTER + line + "\n") == []

@@ -12,7 +12,11 @@ For every chapter of ``book/_toc.yml`` (or the CHAPTERs named, e.g. ``softmax_at
    cannot render: glue roles and directives (``{glue}``, ``{glue:text}``,
    ``{glue:figure}``, ``{paste}``...), which stay holes in JupyterLab because they read
    values that only myst-nb's build stores (numbers in prose must use ``{eval}``), and
-   ``literalinclude`` and ``{cite}``, which need the build's files.
+   ``literalinclude`` and ``{cite}``, which need the build's files; ``{numref}``, because
+   JupyterLab cannot number a figure or table that is a cell's output; and ``{ref}`` or
+   ``{eq}`` without words of their own to a target that is not in the chapter's Markdown,
+   because JupyterLab renders each notebook on its own (``{ref}`words <label>``` is fine:
+   it shows its words).
 3. Unless ``--no-execute``, it executes the notebook with nbclient in ``book/`` (as the
    build does), in order, and evaluates each Markdown cell's ``{eval}`` expressions right
    after the cells above it, where JupyterLab's "Run All" evaluates them: an expression
@@ -45,7 +49,15 @@ UNRENDERABLE = [
     # a trace and a citation role stays raw text, because neither can read the build's files.
     (re.compile(r"\{literalinclude\}"), "literalinclude: show it with nystrom_lab.pages.source"),
     (re.compile(r"\{cite(:[a-z]+)?\}"), "citation role: link the bibliography page instead"),
+    # jupyterlab-myst numbers figure and table directives of Markdown cells only; the book's
+    # figures are cell outputs, so a number reference shows its bare label there.
+    (re.compile(r"\{numref\}"), "numref: write {ref}`words <label>` instead"),
 ]
+# A reference that takes its text from its target: the target must be in this notebook.
+BARE_REFERENCE = re.compile(r"\{(ref|eq)\}`([^`<]+)`")
+# Targets a Markdown cell defines: (label)= before a heading, $$ ... $$ (label) after an
+# equation, and :name: or :label: options of a directive.
+TARGET = re.compile(r"^\s*\((\S+)\)=\s*$|\$\$\s*\(([^()\s]+)\)\s*$|^\s*:(?:name|label):\s*(\S+)")
 EVAL = re.compile(r"\{eval\}`([^`]+)`")
 # Text that shows MyST rather than being MyST: ``double-backtick`` code spans and fenced
 # code blocks (a chapter may show the syntax of an {eval} role as an example).
@@ -91,15 +103,21 @@ def chapters_of_toc(toc_path: Path) -> list[str]:
 
 
 def markdown_offenders(name: str, notebook) -> list[str]:
+    cells = [(index, prose(cell.source).splitlines())
+             for index, cell in enumerate(notebook.cells) if cell.cell_type == "markdown"]
+    targets = {label for _, lines in cells for line in lines
+               for match in TARGET.finditer(line) for label in match.groups() if label}
     found = []
-    for index, cell in enumerate(notebook.cells):
-        if cell.cell_type != "markdown":
-            continue
-        for line_number, line in enumerate(prose(cell.source).splitlines(), start=1):
-            for pattern, why in UNRENDERABLE:
-                if pattern.search(line):
-                    found.append(f"{name}: cell {index}, line {line_number}: {why}: "
-                                 f"{line.strip()[:90]}")
+    for index, lines in cells:
+        for line_number, line in enumerate(lines, start=1):
+            whys = [why for pattern, why in UNRENDERABLE if pattern.search(line)]
+            whys += [f"{{{role}}}`{label}` takes its text from a target outside this "
+                     "chapter's Markdown, which JupyterLab cannot see: say it in words "
+                     "({ref}`words <label>` for a section, figure or table)"
+                     for role, label in BARE_REFERENCE.findall(line)
+                     if label.strip() not in targets]
+            found += [f"{name}: cell {index}, line {line_number}: {why}: {line.strip()[:90]}"
+                      for why in whys]
     return found
 
 
