@@ -50,8 +50,16 @@ def run_fill_mask(args) -> int:
     from .tokenizer import Tokenizer, load_tokenizer
     from .weights import random_model
 
+    # Options first: a mistake in them should not wait for a model to load.
     if args.seed < 0:
         raise ValueError(f"--seed must be a non-negative integer, got {args.seed}.")
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be at least 1, got {args.top_k}.")
+    if args.landmarks is not None and args.attention != "nystrom":
+        raise ValueError(f"--landmarks is an option of --attention nystrom only, not of "
+                         f"--attention {args.attention}.")
+    if args.landmarks is not None and args.landmarks < 1:
+        raise ValueError(f"--landmarks must be at least 1, got {args.landmarks}.")
     try:  # the tokenizer first: it is small, and bad text then fails before the model loads
         if args.tokenizer:
             tokenizer = Tokenizer(args.tokenizer)
@@ -74,6 +82,9 @@ def run_fill_mask(args) -> int:
     # The checkpoint's tokenizer knows its position table; a --tokenizer file alone does not
     # (the model checks the length once it is loaded).
     limit = sys.maxsize if args.tokenizer else tokenizer.max_length
+    if args.top_k > len(tokenizer):
+        raise ValueError(f"--top-k must be at most {len(tokenizer)}, the size of the "
+                         f"vocabulary, got {args.top_k}.")
     for text in args.texts:
         encode_masked(tokenizer, text, limit)
     try:

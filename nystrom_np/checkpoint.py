@@ -53,6 +53,8 @@ from .config import Config
 
 REPO_ID = "uw-madison/nystromformer-512"  # the released checkpoint, the default everywhere
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # in order of preference
+# Endings of a weights file: a source that ends so and does not exist is a missing file.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _TIED = {  # a key save_pretrained leaves out -> the key it is tied to (without prefix)
     "cls.predictions.decoder.weight": "embeddings.word_embeddings.weight",
     "cls.predictions.decoder.bias": "cls.predictions.bias",
@@ -744,6 +746,9 @@ def find_checkpoint(source, *, revision=None):
     repo_id = str(source)
     if not re.fullmatch(r"[\w][\w.-]*(/[\w][\w.-]*)?", repo_id) or ".." in repo_id:
         raise FileNotFoundError(f"no such file or directory: {path}")
+    if path.suffix.lower() in WEIGHT_SUFFIXES:  # a file name, never asked of the hub
+        raise FileNotFoundError(f"no such file: {path} (a name ending in {path.suffix} is "
+                                "read as a weights file, not as a hub id)")
     revision = revision or "main"
     if ".." in revision or revision.startswith("/"):
         raise ValueError(f"revision {revision!r} is not a branch, tag, refs/pr/N or commit.")

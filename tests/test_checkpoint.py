@@ -528,6 +528,11 @@ def test_local_paths_win_and_bad_sources(small, tmp_path, monkeypatch):
         find_checkpoint(tmp_path)
     with pytest.raises(FileNotFoundError, match="no such file"):
         find_checkpoint(tmp_path / "missing" / "model.safetensors")
+    # A missing weights file named alone is not asked of the hub (nor met with its help).
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(checkpoint, "hub_reachable", lambda *a: pytest.fail("asked the hub"))
+    with pytest.raises(FileNotFoundError, match=r"no such file: nofile.bin \(a name ending"):
+        find_checkpoint("nofile.bin")
 
 
 # ------------------------------------------------------------------------- converting

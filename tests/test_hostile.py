@@ -910,7 +910,7 @@ def test_cli_json_is_strict_even_with_nan_scores(nan_checkpoint):
         (["fill-mask", b"caf\xe9 [MASK]", "--random-weights", "--tokenizer", "{spiece}"],
          "lone surrogate"),
         (["fill-mask", "a [MASK]", "--checkpoint", "{nan}/model.safetensors", "--top-k", "0"],
-         "top_k must lie"),  # the weights file's folder gives the tokenizer
+         "--top-k must be at least 1"),  # the weights file's folder gives the tokenizer
         (["convert", "{nan}", "{nan}"], "holds"),
     ],
 )

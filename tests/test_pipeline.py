@@ -378,8 +378,10 @@ def test_cli_random_weights_without_a_tokenizer(tmp_path):
         (["Paris is the [mask] of France."], r"'[mask]' is read as plain text"),
         (["Paris is the <mask> of France."], r"'<mask>' is read as plain text"),
         (["word " * 600 + "[MASK]"], "at most 510"),
-        (["a [MASK]", "--top-k", "0"], "top_k must lie in [1, 30000]"),
-        (["a [MASK]", "--landmarks", "4"], "options of attention='nystrom' only"),
+        (["a [MASK]", "--top-k", "0"], "--top-k must be at least 1, got 0"),
+        (["a [MASK]", "--top-k", "30001"], "--top-k must be at most 30000"),
+        (["a [MASK]", "--landmarks", "4"], "--landmarks is an option of --attention nystrom"),
+        (["a [MASK]", "--attention", "nystrom", "--landmarks", "0"], "--landmarks must be at"),
         (["a [MASK]", "--tokenizer", "missing.model"], "no SentencePiece model"),
     ],
 )
