@@ -50,7 +50,9 @@ def table(header, rows, *, name=None, caption=None):
     """A Markdown table: ``header`` a list of column titles, ``rows`` lists of cells.
 
     The first column is left-aligned, the others right-aligned (numbers). With ``name`` and
-    ``caption`` it is a numbered MyST table that the prose can cite as ``{numref}`name```.
+    ``caption``, the caption goes above the table in italics, under a target the prose links
+    to with ``{ref}`words <name>```. Not a numbered MyST ``table``: JupyterLab renders each
+    output on its own and would number every table of a chapter "Table 1".
     """
     from IPython.display import Markdown
 
@@ -59,4 +61,4 @@ def table(header, rows, *, name=None, caption=None):
     body = "\n".join(lines)
     if name is None:
         return Markdown(body)
-    return Markdown(f":::{{table}} {caption}\n:name: {name}\n\n{body}\n:::\n")
+    return Markdown(f"({name})=\n*{caption}*\n\n{body}\n")
