@@ -1,6 +1,8 @@
 """What a chapter shows: function sources and tables, as Markdown that renders in the book
 and in JupyterLab."""
 
+import functools
+import importlib.util
 import inspect
 import math
 
@@ -52,19 +54,24 @@ def test_table_is_markdown_with_a_caption_and_a_target_when_named():
 
 
 
-def markdown_offenders(text):
-    """What ``tools/check_notebooks.py`` finds in a chapter whose Markdown is ``text``."""
-    jupytext = pytest.importorskip("jupytext")
-    pytest.importorskip("nbclient")
-    import importlib.util
-
+@functools.cache
+def notebook_checker():
+    """``tools/check_notebooks.py`` as a module, loaded once."""
     from nystrom_lab.pages import ROOT
 
     spec = importlib.util.spec_from_file_location("check_notebooks",
                                                   ROOT / "tools" / "check_notebooks.py")
     checker = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(checker)
-    return checker.markdown_offenders("chapter", jupytext.reads(text, fmt="md:myst"))
+    return checker
+
+
+def markdown_offenders(text):
+    """What ``tools/check_notebooks.py`` finds in a chapter whose Markdown is ``text``."""
+    jupytext = pytest.importorskip("jupytext")
+    pytest.importorskip("nbclient")
+    notebook = jupytext.reads(text, fmt="md:myst")
+    return notebook_checker().markdown_offenders("chapter", notebook)
 
 
 CHAPTER = """\
